@@ -1,0 +1,22 @@
+"""The `dia-diffusion` console script: one sub-command per tool, each defined in its own module."""
+
+import argparse
+import sys
+
+from dia_diffusion import parameter_count
+
+# Each module exposes `add_parser(subparsers)`, which registers its sub-command with `func=run`.
+COMMANDS = (parameter_count,)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="dia-diffusion", description=__doc__)
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    for command in COMMANDS:
+        command.add_parser(subparsers)
+    args = parser.parse_args(argv)
+    return args.func(args) or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,87 @@
+"""`dia-diffusion params`: parameter counts of the stock UNet and of every DIA variant for one UNet config."""
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+from diffusers import UNet2DModel
+
+from dia_diffusion.channel_attention import SHARING_MODES
+from dia_diffusion.unet_dia import DIA_ARGUMENTS, DIAUNet2DModel
+
+# (attention kind, sharing mode) pairs worth comparing; per-layer SE ignores the sharing mode.
+VARIANTS = (
+    *(("dia_lstm", sharing) for sharing in SHARING_MODES),
+    *(("se_shared", sharing) for sharing in SHARING_MODES),
+    ("se_per_layer", "global"),
+)
+
+
+def count_parameters(module: torch.nn.Module) -> int:
+    return sum(parameter.numel() for parameter in module.parameters())
+
+
+def parameter_counts(unet_config: dict, **dia_options) -> list[dict]:
+    """One row per variant: total parameters and what DIA adds to the stock UNet of the same config.
+
+    Models are built on the `meta` device, so even large configs cost no memory or time.
+    """
+    config = {
+        key: value
+        for key, value in unet_config.items()
+        if not key.startswith("_") and key not in DIA_ARGUMENTS
+    }
+    with torch.device("meta"):
+        stock = count_parameters(UNet2DModel(**config))
+        rows = [{"variant": "stock", "parameters": stock, "added": 0, "added_percent": 0.0}]
+        for attention, sharing in VARIANTS:
+            options = {**dia_options, "dia_attention": attention, "dia_sharing": sharing}
+            if attention == "se_per_layer" or sharing != "global":
+                options.pop("dia_hidden_channels", None)
+            total = count_parameters(DIAUNet2DModel(**config, **options))
+            name = attention if attention == "se_per_layer" else f"{attention}/{sharing}"
+            rows.append(
+                {
+                    "variant": name,
+                    "parameters": total,
+                    "added": total - stock,
+                    "added_percent": 100 * (total - stock) / stock,
+                }
+            )
+    return rows
+
+
+def load_unet_config(path: str) -> dict:
+    """A UNet config.json, or a folder holding one (a saved model, or a pipeline folder with unet/)."""
+    candidates = [Path(path), Path(path) / "config.json", Path(path) / "unet" / "config.json"]
+    for candidate in candidates:
+        if candidate.is_file():
+            return json.loads(candidate.read_text())
+    raise ValueError(f"--config: no UNet config.json at {path}")
+
+
+def add_parser(subparsers) -> None:
+    parser = subparsers.add_parser("params", help="stock vs DIA parameter counts for a UNet config")
+    parser.add_argument(
+        "--config", required=True, help="a UNet config.json, or a saved model / pipeline folder"
+    )
+    parser.add_argument("--dia_reduction", type=int, default=4)
+    parser.add_argument("--dia_hidden_channels", type=int, default=None)
+    parser.add_argument("--json", action="store_true", help="print the rows as one JSON list")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    rows = parameter_counts(
+        load_unet_config(args.config),
+        dia_reduction=args.dia_reduction,
+        dia_hidden_channels=args.dia_hidden_channels,
+    )
+    if args.json:
+        print(json.dumps(rows))
+        return 0
+    print(f"{'variant':<22}{'parameters':>14}{'added':>12}{'added %':>10}")
+    for row in rows:
+        print(f"{row['variant']:<22}{row['parameters']:>14,}{row['added']:>12,}{row['added_percent']:>9.2f}%")
+    return 0

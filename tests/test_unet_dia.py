@@ -1,0 +1,364 @@
+"""DIAUNet2DModel on tiny configs, in the spirit of diffusers' own model tests."""
+
+import copy
+import itertools
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import DDIMPipeline, DDIMScheduler, DDPMPipeline, DDPMScheduler, UNet2DModel
+
+from dia_diffusion import DIAUNet2DModel
+from dia_diffusion.channel_attention import ATTENTION_KINDS, GATES, SHARING_MODES
+from dia_diffusion.cli import main as cli_main
+from dia_diffusion.parameter_count import count_parameters, load_unet_config, parameter_counts
+
+DDPM_CIFAR10_CONFIG = Path(__file__).parent / "configs" / "ddpm_cifar10_unet.json"
+
+
+def tiny_config(**overrides) -> dict:
+    config = dict(
+        sample_size=16,
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        norm_num_groups=4,
+        attention_head_dim=8,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+    )
+    config.update(overrides)
+    return config
+
+
+# Every block type built from plain ResnetBlock2D, with resnet up/downsamplers as well.
+ALL_BLOCKS_CONFIG = tiny_config(
+    block_out_channels=(16, 24, 32),
+    down_block_types=("ResnetDownsampleBlock2D", "AttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "AttnUpBlock2D", "ResnetUpsampleBlock2D"),
+    downsample_type="resnet",
+    upsample_type="resnet",
+    resnet_time_scale_shift="scale_shift",
+)
+
+
+def inputs(batch: int = 2, size: int = 16, seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    sample = torch.randn(batch, 3, size, size, generator=generator)
+    timestep = torch.randint(0, 1000, (batch,), generator=generator)
+    return sample, timestep
+
+
+def build(seed: int = 0, **config) -> DIAUNet2DModel:
+    torch.manual_seed(seed)
+    return DIAUNet2DModel(**tiny_config(**config))
+
+
+def test_is_a_unet2dmodel_with_every_argument_in_its_config():
+    model = build(dia_sharing="per_width", dia_reduction=2)
+    assert isinstance(model, UNet2DModel)
+    assert model.config.dia_sharing == "per_width" and model.config.dia_reduction == 2
+    assert model.config.block_out_channels == (16, 32)
+    stock_arguments = set(UNet2DModel.extract_init_dict(dict(UNet2DModel().config))[0])
+    assert stock_arguments <= set(model.config)
+
+
+def test_output_shape_dtype_and_finite():
+    model = build().eval()
+    sample, timestep = inputs()
+    with torch.no_grad():
+        output = model(sample, timestep).sample
+    assert output.shape == sample.shape and output.dtype == torch.float32
+    assert torch.isfinite(output).all()
+    assert model(sample, timestep, return_dict=False)[0].shape == sample.shape
+
+
+def test_forward_is_deterministic_and_state_restarts_every_call():
+    model = build().eval()
+    sample, timestep = inputs()
+    with torch.no_grad():
+        first, second = model(sample, timestep).sample, model(sample, timestep).sample
+    assert torch.equal(first, second)
+
+
+def test_resnet_sites_follow_forward_order_and_count():
+    config = load_unet_config(str(DDPM_CIFAR10_CONFIG))
+    with torch.device("meta"):
+        model = DIAUNet2DModel(**config)
+    # DDPM CIFAR-10 layout: 4 down blocks x 2 resnets, 2 mid resnets, 4 up blocks x 3 resnets.
+    assert len(model.resnet_sites) == 22
+    assert [site.channels for site in model.resnet_sites[:3]] == [128, 128, 256]
+    assert model.resnet_sites[-1].channels == 128
+
+
+def test_none_attention_equals_stock_unet_exactly_for_every_block_type():
+    torch.manual_seed(0)
+    stock = UNet2DModel(**ALL_BLOCKS_CONFIG).eval()
+    model = DIAUNet2DModel(**ALL_BLOCKS_CONFIG, dia_attention="none").eval()
+    model.load_state_dict(stock.state_dict())
+    sample, timestep = inputs()
+    with torch.no_grad():
+        assert torch.equal(model(sample, timestep).sample, stock(sample, timestep).sample)
+
+
+@pytest.mark.parametrize("config", [tiny_config(), ALL_BLOCKS_CONFIG, tiny_config(mid_block_type=None)])
+def test_retrofit_matches_stock_output(config):
+    torch.manual_seed(0)
+    stock = UNet2DModel(**config).eval()
+    model = DIAUNet2DModel.from_unet(stock).eval()
+    assert model.config.dia_gate == "identity"
+    assert count_parameters(model) > count_parameters(stock)
+    sample, timestep = inputs()
+    with torch.no_grad():
+        difference = (model(sample, timestep).sample - stock(sample, timestep).sample).abs().max()
+    assert difference <= 1e-6
+
+
+def test_retrofit_copies_every_stock_weight_and_initialises_the_new_ones():
+    torch.manual_seed(0)
+    stock = UNet2DModel(**tiny_config())
+    model = DIAUNet2DModel.from_unet(stock, dia_sharing="per_width")
+    new_state = model.state_dict()
+    for key, value in stock.state_dict().items():
+        assert torch.equal(new_state[key], value), key
+    added = [
+        parameter for name, parameter in model.named_parameters() if name.startswith("channel_attention.")
+    ]
+    assert added and all(not p.is_meta and torch.isfinite(p).all() for p in added)
+    with pytest.raises(ValueError, match="dia_colour"):
+        DIAUNet2DModel.from_unet(stock, dia_colour="red")
+
+
+def test_stock_checkpoint_loads_without_meta_parameters(tmp_path):
+    torch.manual_seed(0)
+    stock = UNet2DModel(**tiny_config()).eval()
+    stock.save_pretrained(tmp_path / "stock")
+    model = DIAUNet2DModel.from_pretrained(tmp_path / "stock", dia_sharing="per_block").eval()
+    assert not any(parameter.is_meta for parameter in model.parameters())
+    assert model.config.dia_sharing == "per_block"
+    sample, timestep = inputs()
+    with torch.no_grad():
+        assert (model(sample, timestep).sample - stock(sample, timestep).sample).abs().max() <= 1e-6
+
+
+def test_save_and_load_round_trip(tmp_path):
+    model = build(dia_sharing="per_width").eval()
+    model.save_pretrained(tmp_path)
+    loaded = DIAUNet2DModel.from_pretrained(tmp_path).eval()
+    assert loaded.config.dia_sharing == "per_width"
+    sample, timestep = inputs()
+    with torch.no_grad():
+        assert (loaded(sample, timestep).sample - model(sample, timestep).sample).abs().max() <= 5e-5
+    with pytest.raises(ValueError, match="dia_gate"):
+        DIAUNet2DModel.from_pretrained(tmp_path, dia_gate="identity")
+
+
+LOAD_IN_FRESH_PROCESS = """
+import sys, torch
+{load}
+torch.manual_seed(0)
+sample = torch.randn(2, 3, 16, 16)
+with torch.no_grad():
+    output = {call}
+torch.save(output, sys.argv[2])
+"""
+
+
+def run_fresh_python(code: str, *args: str) -> None:
+    result = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+
+
+def test_saved_model_loads_in_a_fresh_process(tmp_path):
+    model = build().eval()
+    model.save_pretrained(tmp_path / "model")
+    code = LOAD_IN_FRESH_PROCESS.format(
+        load="from dia_diffusion import DIAUNet2DModel\nmodel = DIAUNet2DModel.from_pretrained(sys.argv[1]).eval()",
+        call="model(sample, torch.tensor([3, 700])).sample",
+    )
+    run_fresh_python(code, str(tmp_path / "model"), str(tmp_path / "out.pt"))
+    torch.manual_seed(0)
+    sample = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        expected = model(sample, torch.tensor([3, 700])).sample
+    assert (torch.load(tmp_path / "out.pt") - expected).abs().max() <= 5e-5
+
+
+def test_stock_pipelines_sample_with_the_model():
+    model = build().eval()
+    for pipeline_class, scheduler in ((DDPMPipeline, DDPMScheduler()), (DDIMPipeline, DDIMScheduler())):
+        pipeline = pipeline_class(unet=model, scheduler=scheduler)
+        images = pipeline(
+            batch_size=2, num_inference_steps=3, generator=torch.manual_seed(0), output_type="np"
+        ).images
+        assert images.shape == (2, 16, 16, 3)
+        assert ((images >= 0) & (images <= 1)).all()
+
+
+def test_saved_pipeline_loads_in_a_fresh_process_after_importing_the_package(tmp_path):
+    model = build().eval()
+    DDPMPipeline(unet=model, scheduler=DDPMScheduler(num_train_timesteps=50)).save_pretrained(
+        tmp_path / "pipe"
+    )
+    assert json.loads((tmp_path / "pipe" / "model_index.json").read_text())["unet"][1] == "DIAUNet2DModel"
+    code = LOAD_IN_FRESH_PROCESS.format(
+        load="import dia_diffusion\nfrom diffusers import DDPMPipeline\n"
+        "pipe = DDPMPipeline.from_pretrained(sys.argv[1])\n"
+        "assert type(pipe.unet).__name__ == 'DIAUNet2DModel', type(pipe.unet)",
+        call="pipe(batch_size=1, num_inference_steps=2, generator=torch.manual_seed(0), output_type='pt').images",
+    )
+    run_fresh_python(code, str(tmp_path / "pipe"), str(tmp_path / "images.pt"))
+    assert torch.load(tmp_path / "images.pt").shape == (1, 3, 16, 16)
+
+
+def loss_and_gradients(model: DIAUNet2DModel):
+    sample, timestep = inputs(batch=4)
+    loss = model(sample, timestep).sample.square().mean()
+    model.zero_grad()
+    loss.backward()
+    return loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize(
+    "attention,sharing",
+    [("dia_lstm", s) for s in SHARING_MODES] + [("se_shared", "global"), ("se_per_layer", "global")],
+)
+def test_every_parameter_receives_a_gradient(attention, sharing):
+    # r = 2: at these tiny widths an r = 4 bottleneck has so few units that all of them can start dead for every sample.
+    model = build(dia_attention=attention, dia_sharing=sharing, dia_reduction=2, **ALL_BLOCKS_CONFIG)
+    _, gradients = loss_and_gradients(model)
+    without_gradient = [name for name, grad in gradients.items() if grad is None or grad.abs().sum() == 0]
+    assert without_gradient == []
+    if attention == "dia_lstm":
+        # The hidden-to-hidden map only receives a gradient if the state really flows from resnet to resnet.
+        assert any("hidden_map" in name for name in gradients)
+
+
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients():
+    model = build(**ALL_BLOCKS_CONFIG)
+    loss, gradients = loss_and_gradients(model)
+    model.enable_gradient_checkpointing()
+    checkpointed_loss, checkpointed_gradients = loss_and_gradients(model)
+    assert torch.allclose(loss, checkpointed_loss, rtol=0, atol=1e-7)
+    for name, grad in gradients.items():
+        assert torch.allclose(grad, checkpointed_gradients[name], rtol=1e-5, atol=1e-7), name
+
+
+def test_bf16_autocast_forward_and_backward():
+    model = build()
+    sample, timestep = inputs()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        output = model(sample, timestep).sample
+    assert output.dtype == torch.bfloat16
+    output.float().square().mean().backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_torch_compile_full_graph_has_no_graph_breaks():
+    model = build()
+    sample, timestep = inputs()
+    eager = model(sample, timestep).sample
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    output = compiled(sample, timestep).sample
+    output.square().mean().backward()
+    assert torch.allclose(output, eager, atol=1e-5)
+
+
+def test_deepcopy_gives_an_independent_model():
+    model = build().eval()
+    clone = copy.deepcopy(model)
+    sample, timestep = inputs()
+    with torch.no_grad():
+        before = model(sample, timestep).sample
+        for parameter in clone.channel_attention.parameters():
+            parameter.add_(1.0)
+        assert torch.equal(model(sample, timestep).sample, before)
+        assert not torch.equal(clone(sample, timestep).sample, before)
+
+
+@pytest.mark.parametrize("attention", ["dia_lstm", "se_per_layer"])
+def test_samples_in_a_batch_are_independent(attention):
+    model = build(dia_attention=attention).eval()
+    sample, timestep = inputs(batch=3)
+    changed = sample.clone()
+    changed[1] = torch.randn_like(changed[1])
+    with torch.no_grad():
+        original, perturbed = model(sample, timestep).sample, model(changed, timestep).sample
+    assert torch.equal(original[0], perturbed[0]) and torch.equal(original[2], perturbed[2])
+    assert not torch.equal(original[1], perturbed[1])
+
+
+@pytest.mark.parametrize(
+    "attention,sharing,gate", list(itertools.product(ATTENTION_KINDS, SHARING_MODES, GATES))
+)
+def test_every_option_combination_builds_and_runs(attention, sharing, gate):
+    model = build(dia_attention=attention, dia_sharing=sharing, dia_gate=gate).eval()
+    sample, timestep = inputs()
+    with torch.no_grad():
+        output = model(sample, timestep).sample
+    assert output.shape == sample.shape and torch.isfinite(output).all()
+    assert (model.channel_attention is None) == (attention == "none")
+
+
+@pytest.mark.parametrize(
+    "argument,value",
+    [
+        ("dia_attention", "transformer"),
+        ("dia_sharing", "per_layer"),
+        ("dia_reduction", 0),
+        ("dia_reduction", 2.5),
+        ("dia_hidden_channels", -8),
+        ("dia_gate", "tanh"),
+    ],
+)
+def test_invalid_dia_argument_is_refused_by_name(argument, value):
+    with pytest.raises(ValueError, match=argument):
+        build(**{argument: value})
+
+
+def test_hidden_channels_only_applies_to_the_global_module():
+    assert build(dia_hidden_channels=24).channel_attention.cells["shared"].channels == 24
+    with pytest.raises(ValueError, match="dia_hidden_channels"):
+        build(dia_hidden_channels=24, dia_sharing="per_width")
+
+
+@pytest.mark.parametrize(
+    "argument,block_type",
+    [
+        ("down_block_types", ("SkipDownBlock2D", "DownBlock2D")),
+        ("up_block_types", ("UpBlock2D", "AttnSkipUpBlock2D")),
+    ],
+)
+def test_unsupported_block_type_is_refused_by_name(argument, block_type):
+    with pytest.raises(ValueError, match=block_type[0] if "Skip" in block_type[0] else block_type[1]):
+        build(**{argument: block_type})
+
+
+@pytest.mark.parametrize(
+    "attention,sharing", [("dia_lstm", "global"), ("dia_lstm", "per_width"), ("se_shared", "global")]
+)
+def test_shared_dia_parameter_count_does_not_depend_on_depth(attention, sharing):
+    counts = []
+    for layers in (1, 3):
+        model = build(dia_attention=attention, dia_sharing=sharing, layers_per_block=layers)
+        counts.append(count_parameters(model.channel_attention))
+    assert counts[0] == counts[1] > 0
+
+
+def test_default_dia_adds_at_most_one_percent_to_the_ddpm_cifar10_unet():
+    rows = {row["variant"]: row for row in parameter_counts(load_unet_config(str(DDPM_CIFAR10_CONFIG)))}
+    assert rows["stock"]["parameters"] == pytest.approx(35.7e6, rel=0.01)
+    assert 0 < rows["dia_lstm/global"]["added_percent"] <= 1.0
+
+
+def test_params_command_prints_stock_and_dia_counts(capsys):
+    assert cli_main(["params", "--config", str(DDPM_CIFAR10_CONFIG), "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert rows[0]["variant"] == "stock" and {row["variant"] for row in rows} >= {
+        "dia_lstm/global",
+        "se_per_layer",
+    }
