@@ -94,13 +94,18 @@ class ChannelAttention(nn.Module):
                 {key: nn.Parameter(torch.zeros(w)) for key, w in gain_widths.items()}
             )
 
-    def forward(self, branch: torch.Tensor, site: int, state):
+    def attention(self, branch: torch.Tensor, site: int, state):
+        """The channel attention `a` in (0, 1) for one resnet's branch [B, C, H, W], and the state after it."""
         pooled = branch.mean(dim=(2, 3))
         if self.uses_adapters:
             pooled = self.input_adapters[self.site_widths[site]](pooled)
         attention, state = self.cells[self.site_cells[site]](pooled, state)
         if self.uses_adapters:
             attention = torch.sigmoid(self.output_adapters[self.site_widths[site]](attention))
+        return attention, state
+
+    def forward(self, branch: torch.Tensor, site: int, state):
+        attention, state = self.attention(branch, site, state)
         if self.gate == "identity":
             attention = 1 + self.gains[self.site_gains[site]] * (attention - 0.5)
         return branch * attention[:, :, None, None].to(branch.dtype), state

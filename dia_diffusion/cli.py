@@ -3,10 +3,10 @@
 import argparse
 import sys
 
-from dia_diffusion import parameter_count
+from dia_diffusion import correlation, parameter_count
 
 # Each module exposes `add_parser(subparsers)`, which registers its sub-command with `func=run`.
-COMMANDS = (parameter_count,)
+COMMANDS = (parameter_count, correlation)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -15,7 +15,12 @@ def main(argv: list[str] | None = None) -> int:
     for command in COMMANDS:
         command.add_parser(subparsers)
     args = parser.parse_args(argv)
-    return args.func(args) or 0
+    try:
+        return args.func(args) or 0
+    except (ValueError, FileNotFoundError) as error:
+        # Bad input (a dataset spec, a path, an argument value) is reported as one line, not a traceback.
+        print(f"dia-diffusion {args.command}: error: {error}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
