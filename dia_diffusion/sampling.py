@@ -1,0 +1,215 @@
+"""Sampling a trained model through diffusers' stock DDPMPipeline / DDIMPipeline, one seed per image.
+
+Image i starts from noise drawn by its own CPU `torch.Generator` seeded `seed + i` (the EDM convention), so it is
+the same image whatever the batch size, the number of processes or the device. Generation is split across
+accelerate processes by contiguous index ranges.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import PIL.Image
+import torch
+from diffusers import DDIMPipeline, DDIMScheduler, DDPMPipeline, DDPMScheduler, DiffusionPipeline, UNet2DModel
+from tqdm.auto import tqdm
+
+SCHEDULERS = ("ddpm", "ddim")
+SAMPLES_RECORD = "samples.json"
+GRID_FILE = "grid.png"
+GRID_MAX_IMAGES = 64
+
+
+class SamplingError(ValueError):
+    """A sampling request that cannot run; the message is one line for the user."""
+
+
+def process_state() -> Any:
+    """accelerate's PartialState for this process. Without CUDA, processes started by torchrun or `accelerate
+    launch` must ask for CPU explicitly to join as gloo ranks; otherwise each would run alone."""
+    from accelerate import PartialState
+
+    return PartialState(cpu=not torch.cuda.is_available())
+
+
+def sample_file_name(index: int) -> str:
+    return f"{index:06d}.png"
+
+
+def stock_pipeline(unet: UNet2DModel, scheduler_config: dict[str, Any], scheduler: str) -> DiffusionPipeline:
+    """The stock diffusers pipeline for `scheduler`, its scheduler built from the trained noise schedule."""
+    if scheduler == "ddpm":
+        pipeline = DDPMPipeline(unet=unet, scheduler=DDPMScheduler.from_config(scheduler_config))
+    elif scheduler == "ddim":
+        pipeline = DDIMPipeline(unet=unet, scheduler=DDIMScheduler.from_config(scheduler_config))
+    else:
+        raise SamplingError(f"--scheduler must be one of {SCHEDULERS}, got {scheduler!r}")
+    # One progress bar counts images; the pipeline's own per-call bar over timesteps would interleave with it.
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+def load_pipeline(
+    model: str | Path, scheduler: str = "ddim", dtype: torch.dtype = torch.float32
+) -> DiffusionPipeline:
+    """Loads a saved pipeline folder (DIA or stock UNet) into the stock pipeline for `scheduler`."""
+    # Importing the package registers DIAUNet2DModel, which diffusers must find in sys.modules for DIA folders.
+    import dia_diffusion  # noqa: F401
+
+    if scheduler not in SCHEDULERS:
+        raise SamplingError(f"--scheduler must be one of {SCHEDULERS}, got {scheduler!r}")
+    if not (Path(model) / "model_index.json").is_file():
+        raise SamplingError(
+            f"--model {str(model)!r} is not a saved diffusers pipeline folder (no model_index.json)"
+        )
+    try:
+        saved = DiffusionPipeline.from_pretrained(model, dtype=dtype)
+    except OSError as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise SamplingError(f"--model {str(model)!r} cannot be loaded: {first_line}") from error
+    if not hasattr(saved, "unet") or not hasattr(saved, "scheduler"):
+        raise SamplingError(
+            f"--model {str(model)!r} holds a {type(saved).__name__}, not an unconditional UNet pipeline"
+        )
+    return stock_pipeline(saved.unet, saved.scheduler.config, scheduler)
+
+
+def check_sampling_options(
+    scheduler: str, num_inference_steps: int, eta: float | None, batch_size: int
+) -> None:
+    if scheduler not in SCHEDULERS:
+        raise SamplingError(f"--scheduler must be one of {SCHEDULERS}, got {scheduler!r}")
+    if num_inference_steps < 1:
+        raise SamplingError(f"--num_inference_steps must be positive, got {num_inference_steps}")
+    if batch_size < 1:
+        raise SamplingError(f"--batch_size must be positive, got {batch_size}")
+    if eta is not None:
+        if scheduler != "ddim":
+            raise SamplingError("--eta applies to the ddim scheduler only")
+        if not 0.0 <= eta <= 1.0:
+            raise SamplingError(f"--eta must lie in [0, 1], got {eta}")
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """Pipeline output in [0, 1] → uint8, rounding as diffusers' numpy_to_pil does, so PNGs and tensors agree."""
+    return (images.float() * 255).round().clamp(0, 255).to(torch.uint8).cpu()
+
+
+def pipeline_eta(pipeline: DiffusionPipeline, eta: float | None) -> float | None:
+    """The η a DDIM pipeline samples with (None for DDPM), as recorded next to results."""
+    return (0.0 if eta is None else eta) if isinstance(pipeline, DDIMPipeline) else None
+
+
+@torch.no_grad()
+def generate(
+    pipeline: DiffusionPipeline,
+    indices: Sequence[int],
+    seed: int,
+    batch_size: int,
+    num_inference_steps: int,
+    eta: float | None = None,
+) -> Iterator[tuple[list[int], torch.Tensor]]:
+    """Yields (indices, uint8 images [B, C, H, W] on the CPU) batch by batch; image i is seeded `seed + i`."""
+    is_ddim = isinstance(pipeline, DDIMPipeline)
+    check_sampling_options("ddim" if is_ddim else "ddpm", num_inference_steps, eta, batch_size)
+    options: dict[str, Any] = {"eta": pipeline_eta(pipeline, eta)} if is_ddim else {}
+    indices = list(indices)
+    unet = pipeline.unet
+    was_training = unet.training
+    # Dropout must be off while sampling, whatever mode the caller left the model in.
+    unet.eval()
+    try:
+        for start in range(0, len(indices), batch_size):
+            batch = indices[start : start + batch_size]
+            generators = [torch.Generator("cpu").manual_seed(seed + index) for index in batch]
+            images = pipeline(
+                batch_size=len(batch),
+                generator=generators,
+                num_inference_steps=num_inference_steps,
+                output_type="pt",
+                **options,
+            ).images
+            yield batch, to_uint8(images)
+    finally:
+        unet.train(was_training)
+
+
+def to_pil(image: torch.Tensor) -> PIL.Image.Image:
+    """uint8 [C, H, W] → a grey (C = 1) or RGB (C = 3) PIL image."""
+    array = image.permute(1, 2, 0).numpy()
+    return PIL.Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array)
+
+
+def save_grid(folder: Path, num_images: int) -> Path:
+    """grid.png of the first (up to 64) numbered images in `folder`, in a square-ish layout."""
+    from torchvision.transforms.functional import pil_to_tensor
+    from torchvision.utils import make_grid
+
+    count = min(num_images, GRID_MAX_IMAGES)
+    images = [pil_to_tensor(PIL.Image.open(folder / sample_file_name(index))) for index in range(count)]
+    grid = make_grid(torch.stack(images), nrow=math.ceil(math.sqrt(count)), padding=2)
+    path = folder / GRID_FILE
+    to_pil(grid).save(path)
+    return path
+
+
+def sample_to_folder(
+    model: str | Path,
+    output: str | Path,
+    scheduler: str = "ddim",
+    num_inference_steps: int = 50,
+    eta: float | None = None,
+    num_images: int = 64,
+    seed: int = 0,
+    batch_size: int = 64,
+    half: bool = False,
+    state: Any = None,
+) -> Path:
+    """Writes output/000000.png … , output/grid.png and output/samples.json (how they were made).
+
+    `state` is an accelerate Accelerator or PartialState; each process generates a contiguous share of the
+    indices, and the main process writes the grid and the record once all shares are on disk.
+    """
+    state = state or process_state()
+    if num_images < 1:
+        raise SamplingError(f"--num_images must be positive, got {num_images}")
+    check_sampling_options(scheduler, num_inference_steps, eta, batch_size)
+    if half and state.device.type != "cuda":
+        raise SamplingError("--half needs a CUDA GPU (half precision is slow or unsupported on the CPU)")
+    dtype = torch.float16 if half else torch.float32
+    pipeline = load_pipeline(model, scheduler, dtype).to(state.device)
+    output = Path(output)
+    output.mkdir(parents=True, exist_ok=True)
+    if state.is_main_process:
+        # The record is written last, so a stale one never describes a half-rewritten folder.
+        (output / SAMPLES_RECORD).unlink(missing_ok=True)
+
+    with state.split_between_processes(list(range(num_images))) as indices:
+        # The main process's bar counts its own share; the others run the same pace.
+        progress = tqdm(total=len(indices), desc="sampling", unit="img", disable=not state.is_main_process)
+        for batch, images in generate(pipeline, indices, seed, batch_size, num_inference_steps, eta):
+            for index, image in zip(batch, images, strict=True):
+                to_pil(image).save(output / sample_file_name(index))
+            progress.update(len(batch))
+        progress.close()
+    state.wait_for_everyone()
+    if state.is_main_process:
+        save_grid(output, num_images)
+        record = {
+            "model": str(Path(model).resolve()),
+            "scheduler": scheduler,
+            "num_inference_steps": num_inference_steps,
+            "eta": pipeline_eta(pipeline, eta),
+            "seed": seed,
+            "num_images": num_images,
+            "dtype": str(dtype).removeprefix("torch."),
+            "resolution": pipeline.unet.config.sample_size,
+            "channels": pipeline.unet.config.in_channels,
+        }
+        (output / SAMPLES_RECORD).write_text(json.dumps(record, indent=2) + "\n")
+    state.wait_for_everyone()
+    return output

@@ -1,0 +1,58 @@
+"""Sample a trained model (DIA or stock UNet) through diffusers' stock DDPMPipeline / DDIMPipeline.
+
+    python pipelines/sample.py --model runs/demo --scheduler ddim --num_inference_steps 50 \\
+        --num_images 1000 --seed 0 --batch_size 64 --output samples/demo
+
+writes samples/demo/000000.png … 000999.png, grid.png (the first 64) and samples.json (how they were made).
+Image i is seeded seed + i, so it is the same whatever --batch_size or the number of processes;
+`accelerate launch pipelines/sample.py ...` splits the images across processes.
+"""
+
+import argparse
+import sys
+
+from dia_diffusion.sampling import SCHEDULERS, SamplingError, process_state, sample_to_folder
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", required=True, help="a pipeline folder saved by train/train_ddpm.py")
+    parser.add_argument("--scheduler", choices=SCHEDULERS, default="ddim")
+    parser.add_argument("--num_inference_steps", type=int, default=50)
+    parser.add_argument(
+        "--eta", type=float, default=None, help="DDIM eta in [0, 1] (default 0, deterministic)"
+    )
+    parser.add_argument("--num_images", type=int, default=64)
+    parser.add_argument("--seed", type=int, default=0, help="image i is seeded seed + i")
+    parser.add_argument("--batch_size", type=int, default=64)
+    parser.add_argument("--output", required=True, help="folder for the PNGs, grid.png and samples.json")
+    parser.add_argument("--half", action="store_true", help="float16 weights and sampling (CUDA only)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        output = sample_to_folder(
+            model=args.model,
+            output=args.output,
+            scheduler=args.scheduler,
+            num_inference_steps=args.num_inference_steps,
+            eta=args.eta,
+            num_images=args.num_images,
+            seed=args.seed,
+            batch_size=args.batch_size,
+            half=args.half,
+        )
+    except SamplingError as error:
+        print(f"sample.py: error: {error}", file=sys.stderr)
+        return 2
+    if process_state().is_main_process:
+        print(f"wrote {args.num_images} images and {output / 'grid.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
