@@ -16,7 +16,7 @@ test: $(INSTALLED)
 	$(VENV)/bin/python -m pytest -q
 
 demo: $(INSTALLED)
-	$(VENV)/bin/accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no \
+	$(VENV)/bin/accelerate launch --quiet --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no \
 		train/train_ddpm.py --preset demo --output_dir runs/demo
 
 lint: $(INSTALLED)

@@ -1,0 +1,279 @@
+"""The training loop on a tiny UNet: smoke, bitwise-exact resume, interrupted saves, the non-finite guard, and two
+CPU processes in step. Run as a script, this file is the worker of the two-process test."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState, GradientState
+from diffusers import DDPMPipeline
+from safetensors.torch import load_file
+
+from dia_diffusion import DIAUNet2DModel, training
+from dia_diffusion.checkpointing import checkpoint_step, find_latest_checkpoint
+from dia_diffusion.data import load_image_dataset
+from dia_diffusion.evaluation import PipelineEvaluator
+from dia_diffusion.training import NonFiniteLossError, TrainingConfig, resolve_config, train
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+TINY_UNET = {
+    "block_out_channels": (8, 16),
+    "layers_per_block": 1,
+    "down_block_types": ("DownBlock2D", "AttnDownBlock2D"),
+    "up_block_types": ("AttnUpBlock2D", "UpBlock2D"),
+    "attention_head_dim": 4,
+    "norm_num_groups": 4,
+    "dropout": 0.1,
+}
+DATASET_SIZE = 24
+
+pytestmark = pytest.mark.usefixtures("isolated_run")
+
+
+class SimulatedKill(Exception):
+    """Stands for the process dying in the middle of training."""
+
+
+def save_tiny_dataset(folder: Path) -> str:
+    load_image_dataset("digits").select(range(DATASET_SIZE)).save_to_disk(str(folder))
+    return str(folder)
+
+
+def tiny_config(dataset: str, output_dir: Path, **overrides) -> TrainingConfig:
+    settings = {
+        "dataset": dataset,
+        "output_dir": str(output_dir),
+        "unet_config": TINY_UNET,
+        "max_train_steps": 4,
+        "train_batch_size": 4,
+        "learning_rate": 1e-3,
+        "lr_warmup_steps": 2,
+        "checkpointing_steps": 2,
+        "log_every": 1,
+        "logger": "none",
+        "num_sample_images": 4,
+        "sample_inference_steps": 2,
+        "eval_every": 0,
+        **overrides,
+    }
+    return resolve_config("demo", settings)
+
+
+@pytest.fixture(scope="module")
+def tiny_dataset(tmp_path_factory) -> str:
+    return save_tiny_dataset(tmp_path_factory.mktemp("data") / "digits24")
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_smoke_run_leaves_a_loadable_ema_pipeline(tiny_dataset, tmp_path):
+    config = tiny_config(tiny_dataset, tmp_path / "run", logger="tensorboard")
+    initial = {
+        name: value.clone() for name, value in DIAUNet2DModel(**config.unet_arguments()).state_dict().items()
+    }
+    result = train(config)
+    run_dir = tmp_path / "run"
+
+    assert result.global_step == 4
+    rows = read_metrics(run_dir)
+    assert [row["step"] for row in rows] == [1, 2, 3, 4]
+    assert all(torch.isfinite(torch.tensor(row["loss"])) and row["images_per_s"] > 0 for row in rows)
+    assert json.loads((run_dir / "training_config.json").read_text())["seed"] == config.seed
+    assert (run_dir / "samples" / "step-0000004.png").stat().st_size > 0
+    assert list((run_dir / "logs").rglob("events.out.tfevents*"))
+    assert [path.name for path in sorted((run_dir / "checkpoints").iterdir())] == [
+        "checkpoint-2",
+        "checkpoint-4",
+    ]
+
+    pipeline = DDPMPipeline.from_pretrained(run_dir)
+    assert isinstance(pipeline.unet, DIAUNet2DModel)
+    saved = dict(pipeline.unet.named_parameters())
+    trained = dict(result.unet.named_parameters())
+    # The pipeline holds the EMA weights, not the last training weights.
+    for name, shadow in zip(trained, result.ema.shadow_params, strict=True):
+        assert torch.equal(saved[name].detach(), shadow)
+    assert any(not torch.equal(trained[name], initial[name]) for name in trained)
+    images = pipeline(batch_size=2, num_inference_steps=2, generator=torch.Generator().manual_seed(0)).images
+    assert images[0].size == (config.resolution, config.resolution)
+
+
+def test_eval_every_logs_fd_classifier_of_the_ema_weights(tiny_dataset, tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # the metric's classifier is cached here
+    evaluated_weights = []
+    real_call = PipelineEvaluator.__call__
+
+    def recording_call(self, pipeline):
+        evaluated_weights.append([parameter.detach().clone() for parameter in pipeline.unet.parameters()])
+        return real_call(self, pipeline)
+
+    monkeypatch.setattr(PipelineEvaluator, "__call__", recording_call)
+    config = tiny_config(
+        tiny_dataset, tmp_path / "run", eval_every=2, eval_num_samples=8, eval_inference_steps=2
+    )
+    result = train(config)
+
+    rows = read_metrics(tmp_path / "run")
+    assert [("fd_classifier" in row) for row in rows] == [False, True, False, True]
+    assert all(row["fd_classifier"] >= 0 for row in rows if "fd_classifier" in row)
+    assert not any("fid" in key for row in rows for key in row)
+    # The last evaluation (step 4) saw the final EMA weights, not the training weights.
+    assert len(evaluated_weights) == 2
+    assert all(map(torch.equal, evaluated_weights[-1], result.ema.shadow_params))
+    assert not all(map(torch.equal, evaluated_weights[-1], result.unet.parameters()))
+
+
+def test_resume_after_interruption_is_bitwise_exact(tiny_dataset, tmp_path, monkeypatch):
+    # 24 images / batch 4 = 6 batches per epoch = 3 optimizer steps of 2 micro-batches: the checkpoint at step 4
+    # sits two batches into the second epoch. Flips and dropout exercise the restored RNG streams.
+    settings = {
+        "max_train_steps": 8,
+        "checkpointing_steps": 4,
+        "gradient_accumulation_steps": 2,
+        "random_flip": True,
+    }
+    uninterrupted = train(tiny_config(tiny_dataset, tmp_path / "whole", **settings))
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+    real_loss = training.diffusion_loss
+    calls = {"count": 0}
+
+    def dies_during_step_6(*args):
+        calls["count"] += 1
+        if calls["count"] == 11:  # step 6's first micro-batch: past the step-4 checkpoint
+            raise SimulatedKill
+        return real_loss(*args)
+
+    monkeypatch.setattr(training, "diffusion_loss", dies_during_step_6)
+    with pytest.raises(SimulatedKill):
+        train(tiny_config(tiny_dataset, tmp_path / "split", **settings))
+    monkeypatch.setattr(training, "diffusion_loss", real_loss)
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+    skipped = []
+    real_skip = Accelerator.skip_first_batches
+
+    def recording_skip(self, dataloader, num_batches=0):
+        skipped.append(num_batches)
+        return real_skip(self, dataloader, num_batches)
+
+    monkeypatch.setattr(Accelerator, "skip_first_batches", recording_skip)
+    resumed = train(
+        tiny_config(tiny_dataset, tmp_path / "split", resume_from_checkpoint="latest", **settings)
+    )
+
+    assert skipped == [2]
+    assert resumed.global_step == uninterrupted.global_step == 8
+    for (name, expected), actual in zip(
+        uninterrupted.unet.named_parameters(), resumed.unet.parameters(), strict=True
+    ):
+        assert torch.equal(expected, actual), name
+    for expected, actual in zip(uninterrupted.ema.shadow_params, resumed.ema.shadow_params, strict=True):
+        assert torch.equal(expected, actual)
+
+    def comparable(rows):
+        return [{key: value for key, value in row.items() if key != "images_per_s"} for row in rows]
+
+    assert comparable(read_metrics(tmp_path / "split")) == comparable(read_metrics(tmp_path / "whole"))
+
+
+def test_save_killed_midway_then_resume(tiny_dataset, tmp_path, monkeypatch):
+    real_save_state = Accelerator.save_state
+
+    def dies_in_second_save(self, output_dir):
+        if Path(output_dir).name.endswith("checkpoint-4"):
+            Path(output_dir, "model.safetensors").write_bytes(b"half")
+            raise SimulatedKill
+        return real_save_state(self, output_dir)
+
+    monkeypatch.setattr(Accelerator, "save_state", dies_in_second_save)
+    with pytest.raises(SimulatedKill):
+        train(tiny_config(tiny_dataset, tmp_path / "run"))
+    checkpoints = tmp_path / "run" / "checkpoints"
+    assert find_latest_checkpoint(checkpoints) == checkpoints / "checkpoint-2"
+
+    monkeypatch.setattr(Accelerator, "save_state", real_save_state)
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    result = train(tiny_config(tiny_dataset, tmp_path / "run", resume_from_checkpoint="latest"))
+    assert result.global_step == 4
+    assert sorted(path.name for path in checkpoints.iterdir()) == ["checkpoint-2", "checkpoint-4"]
+
+
+def test_non_finite_loss_stops_with_the_step_and_keeps_the_checkpoint(tiny_dataset, tmp_path, monkeypatch):
+    real_loss = training.diffusion_loss
+    calls = {"count": 0}
+
+    def nan_at_step_3(*args):
+        calls["count"] += 1
+        loss = real_loss(*args)
+        return loss * float("nan") if calls["count"] == 3 else loss
+
+    monkeypatch.setattr(training, "diffusion_loss", nan_at_step_3)
+    run_dir = tmp_path / "run"
+    with pytest.raises(NonFiniteLossError, match=r"nan at step 3; .*checkpoint-2\)") as raised:
+        train(tiny_config(tiny_dataset, run_dir))
+    assert "\n" not in str(raised.value)
+    checkpoint = find_latest_checkpoint(run_dir / "checkpoints")
+    assert checkpoint == run_dir / "checkpoints" / "checkpoint-2" and checkpoint_step(checkpoint) == 2
+    weights = load_file(checkpoint / "model.safetensors")
+    assert all(torch.isfinite(value).all() for value in weights.values())
+    assert not (run_dir / "model_index.json").exists()
+    assert [row["step"] for row in read_metrics(run_dir)] == [1, 2]
+
+
+def run_as_rank(dataset: str, run_dir: Path, states_dir: Path) -> None:
+    """The two-process worker: trains, then leaves this rank's weights where the test can compare them."""
+    config = tiny_config(dataset, run_dir, max_train_steps=6, lr_warmup_steps=4, checkpointing_steps=3)
+    result = train(config)
+    state = Accelerator()
+    torch.save(
+        {"unet": result.unet.state_dict(), "ema": result.ema.shadow_params},
+        states_dir / f"rank-{state.process_index}-of-{state.num_processes}.pt",
+    )
+
+
+@pytest.mark.slow
+def test_two_cpu_processes_train_in_step(tiny_dataset, tmp_path):
+    states_dir = tmp_path / "states"
+    states_dir.mkdir()
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+        __file__, tiny_dataset, str(tmp_path / "run"), str(states_dir),
+    ]  # fmt: skip
+    # ACCELERATE_USE_CPU makes the two ranks CPU processes (gloo) on a machine with or without GPUs.
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "PYTHONPATH": str(REPO_ROOT)}
+    completed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+
+    rank0 = torch.load(states_dir / "rank-0-of-2.pt")
+    rank1 = torch.load(states_dir / "rank-1-of-2.pt")
+    for name, value in rank0["unet"].items():
+        assert torch.equal(value, rank1["unet"][name]), name
+    for shadow0, shadow1 in zip(rank0["ema"], rank1["ema"], strict=True):
+        assert torch.equal(shadow0, shadow1)
+
+    run_dir = tmp_path / "run"
+    rows = read_metrics(run_dir)
+    # One row per step (only the main process writes), and the warmup advances once per optimizer step.
+    assert [row["step"] for row in rows] == [1, 2, 3, 4, 5, 6]
+    assert [row["lr"] for row in rows] == pytest.approx(
+        [1e-3 * factor for factor in (0, 0.25, 0.5, 0.75, 1, 1)]
+    )
+    checkpoint = run_dir / "checkpoints" / "checkpoint-6"
+    assert (checkpoint / "random_states_0.pkl").exists() and (checkpoint / "random_states_1.pkl").exists()
+    assert json.loads((run_dir / "training_config.json").read_text())["num_processes"] == 2
+
+
+if __name__ == "__main__":
+    run_as_rank(sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3]))

@@ -1,0 +1,122 @@
+"""Train a DDPM with a DIA (or stock) UNet and leave a diffusers DDPMPipeline folder.
+
+    accelerate launch train/train_ddpm.py --preset demo --output_dir runs/demo
+
+A preset (see --list_presets) sets every value; each flag given overrides one. The resolved config is written to
+OUTPUT_DIR/training_config.json. Re-running the same command with --resume_from_checkpoint latest continues a run.
+See docs/training.md.
+"""
+
+import argparse
+import os
+import sys
+
+from dia_diffusion.checkpointing import CheckpointNotFoundError, RunIdentityError
+from dia_diffusion.data import DatasetSpecError
+from dia_diffusion.presets import PRESETS, UNET_VARIANTS
+from dia_diffusion.training import NonFiniteLossError, TrainingConfigError, resolve_config, train
+
+EXIT_BAD_INPUT = 2
+EXIT_TRAINING_FAILED = 1
+BAD_INPUT_ERRORS = (DatasetSpecError, TrainingConfigError, RunIdentityError, CheckpointNotFoundError)
+
+
+class OneLineArgumentParser(argparse.ArgumentParser):
+    """Reports a bad flag in one line, like every other input error of this script."""
+
+    def error(self, message: str) -> None:
+        self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = OneLineArgumentParser(prog="train_ddpm.py", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", default="demo", help="named recipe to start from (default: demo)")
+    parser.add_argument("--list_presets", action="store_true", help="print the presets and exit")
+    parser.add_argument("--output_dir", help="run folder (default: runs/PRESET)")
+    flag_bool = argparse.BooleanOptionalAction
+
+    data = parser.add_argument_group("data")
+    data.add_argument(
+        "--dataset",
+        help="digits, fashion_mnist, cifar10, an image folder, a save_to_disk folder, "
+        "a cifar-10-python.tar.gz or a hub dataset name",
+    )
+    data.add_argument("--image_column", help="the dataset's image column when it is not 'image'")
+    data.add_argument("--resolution", type=int)
+    data.add_argument("--channels", type=int, help="1 (grey) or 3 (RGB); images are converted to match")
+    data.add_argument("--random_flip", action=flag_bool, default=None)
+    data.add_argument("--dataloader_num_workers", type=int)
+
+    model = parser.add_argument_group("model")
+    model.add_argument("--unet", help=f"one of {', '.join(UNET_VARIANTS)}")
+    model.add_argument("--dia_sharing", help="global, per_width or per_block")
+    model.add_argument("--dia_reduction", type=int)
+    model.add_argument("--dia_hidden_channels", type=int)
+    model.add_argument("--dia_gate", help="sigmoid or identity")
+    model.add_argument("--gradient_checkpointing", action=flag_bool, default=None)
+    model.add_argument("--compile", action=flag_bool, default=None, help="torch.compile the UNet (inductor)")
+    model.add_argument("--prediction_type", help="epsilon, sample or v_prediction")
+    model.add_argument("--beta_schedule", help="linear, scaled_linear, squaredcos_cap_v2 (cosine) or sigmoid")
+
+    optimisation = parser.add_argument_group("optimisation")
+    optimisation.add_argument("--max_train_steps", type=int, help="optimizer steps")
+    optimisation.add_argument("--train_batch_size", type=int, help="images per process per micro-batch")
+    optimisation.add_argument("--gradient_accumulation_steps", type=int)
+    optimisation.add_argument("--learning_rate", type=float)
+    optimisation.add_argument(
+        "--lr_scheduler", help="a diffusers schedule name, e.g. constant_with_warmup, cosine"
+    )
+    optimisation.add_argument("--lr_warmup_steps", type=int)
+    optimisation.add_argument("--max_grad_norm", type=float)
+    optimisation.add_argument("--ema_decay", type=float)
+    optimisation.add_argument("--mixed_precision", help="no, fp16 or bf16")
+    optimisation.add_argument("--seed", type=int)
+
+    run = parser.add_argument_group("checkpoints, logs, samples, evaluation")
+    run.add_argument("--checkpointing_steps", type=int)
+    run.add_argument(
+        "--checkpoints_total_limit", type=int, help="keep the newest N checkpoints (0: keep all)"
+    )
+    run.add_argument("--resume_from_checkpoint", help="'latest' or a checkpoint folder")
+    run.add_argument("--log_every", type=int, help="steps between metrics.jsonl rows")
+    run.add_argument("--logger", help="tensorboard or none (metrics.jsonl is always written)")
+    run.add_argument("--sample_every", type=int, help="steps between sample grids (0: only at the end)")
+    run.add_argument("--num_sample_images", type=int)
+    run.add_argument("--sample_inference_steps", type=int)
+    run.add_argument("--eval_every", type=int, help="steps between evaluations, and at the end (0: never)")
+    run.add_argument("--eval_feature", help="feature space of the Fréchet distance (default: classifier)")
+    run.add_argument("--eval_num_samples", type=int)
+    run.add_argument("--eval_inference_steps", type=int)
+    return parser
+
+
+def report(error: Exception) -> None:
+    # Under a multi-process launch every rank hits the same error; one line is enough.
+    if os.environ.get("RANK", "0") == "0":
+        print(f"train_ddpm.py: error: {error}", file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.list_presets:
+        for name, preset in PRESETS.items():
+            print(f"{name:14s} {preset.description}")
+        return 0
+    overrides = {key: value for key, value in vars(args).items() if key not in ("preset", "list_presets")}
+    overrides["output_dir"] = args.output_dir or os.path.join("runs", args.preset)
+    try:
+        config = resolve_config(args.preset, overrides)
+        result = train(config)
+    except BAD_INPUT_ERRORS as error:
+        report(error)
+        return EXIT_BAD_INPUT
+    except NonFiniteLossError as error:
+        report(error)
+        return EXIT_TRAINING_FAILED
+    if os.environ.get("RANK", "0") == "0":
+        print(f"trained {result.global_step} steps; pipeline saved in {config.output_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
