@@ -20,16 +20,9 @@ import torch
 from diffusers import DDIMPipeline, DDIMScheduler, UNet2DModel
 
 from dia_diffusion import DIAUNet2DModel
-from dia_diffusion.parameter_count import count_parameters
+from dia_diffusion.parameter_count import count_parameters, preset_unet_config
 
-DDPM_CIFAR10 = dict(
-    sample_size=32,
-    block_out_channels=(128, 256, 256, 256),
-    layers_per_block=2,
-    down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
-    dropout=0.1,
-)
+DDPM_CIFAR10 = preset_unet_config("cifar10-ddpm")
 QUICK = dict(
     sample_size=16,
     block_out_channels=(32, 64),

@@ -8,6 +8,7 @@ import torch
 from diffusers import UNet2DModel
 
 from dia_diffusion.channel_attention import SHARING_MODES
+from dia_diffusion.presets import PRESETS
 from dia_diffusion.unet_dia import DIA_ARGUMENTS, DIAUNet2DModel
 
 # (attention kind, sharing mode) pairs worth comparing; per-layer SE ignores the sharing mode.
@@ -52,6 +53,20 @@ def parameter_counts(unet_config: dict, **dia_options) -> list[dict]:
     return rows
 
 
+def preset_unet_config(preset: str) -> dict:
+    """The UNet arguments of a training preset (`dia_diffusion.presets`), at the preset's resolution and channels."""
+    if preset not in PRESETS:
+        raise ValueError(f"--preset: unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    settings = PRESETS[preset].settings
+    channels = settings["channels"]
+    return {
+        **settings["unet_config"],
+        "sample_size": settings["resolution"],
+        "in_channels": channels,
+        "out_channels": channels,
+    }
+
+
 def load_unet_config(path: str) -> dict:
     """A UNet config.json, or a folder holding one (a saved model, or a pipeline folder with unet/)."""
     candidates = [Path(path), Path(path) / "config.json", Path(path) / "unet" / "config.json"]
@@ -63,9 +78,9 @@ def load_unet_config(path: str) -> dict:
 
 def add_parser(subparsers) -> None:
     parser = subparsers.add_parser("params", help="stock vs DIA parameter counts for a UNet config")
-    parser.add_argument(
-        "--config", required=True, help="a UNet config.json, or a saved model / pipeline folder"
-    )
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--config", help="a UNet config.json, or a saved model / pipeline folder")
+    source.add_argument("--preset", help="the UNet of a training preset, e.g. cifar10-ddpm")
     parser.add_argument("--dia_reduction", type=int, default=4)
     parser.add_argument("--dia_hidden_channels", type=int, default=None)
     parser.add_argument("--json", action="store_true", help="print the rows as one JSON list")
@@ -73,8 +88,9 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    unet_config = preset_unet_config(args.preset) if args.preset else load_unet_config(args.config)
     rows = parameter_counts(
-        load_unet_config(args.config),
+        unet_config,
         dia_reduction=args.dia_reduction,
         dia_hidden_channels=args.dia_hidden_channels,
     )

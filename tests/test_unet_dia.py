@@ -5,7 +5,6 @@ import itertools
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,9 +13,7 @@ from diffusers import DDIMPipeline, DDIMScheduler, DDPMPipeline, DDPMScheduler, 
 from dia_diffusion import DIAUNet2DModel
 from dia_diffusion.channel_attention import ATTENTION_KINDS, GATES, SHARING_MODES
 from dia_diffusion.cli import main as cli_main
-from dia_diffusion.parameter_count import count_parameters, load_unet_config, parameter_counts
-
-DDPM_CIFAR10_CONFIG = Path(__file__).parent / "configs" / "ddpm_cifar10_unet.json"
+from dia_diffusion.parameter_count import count_parameters, parameter_counts, preset_unet_config
 
 
 def tiny_config(**overrides) -> dict:
@@ -86,7 +83,7 @@ def test_forward_is_deterministic_and_state_restarts_every_call():
 
 
 def test_resnet_sites_follow_forward_order_and_count():
-    config = load_unet_config(str(DDPM_CIFAR10_CONFIG))
+    config = preset_unet_config("cifar10-ddpm")
     with torch.device("meta"):
         model = DIAUNet2DModel(**config)
     # DDPM CIFAR-10 layout: 4 down blocks x 2 resnets, 2 mid resnets, 4 up blocks x 3 resnets.
@@ -350,15 +347,17 @@ def test_shared_dia_parameter_count_does_not_depend_on_depth(attention, sharing)
 
 
 def test_default_dia_adds_at_most_one_percent_to_the_ddpm_cifar10_unet():
-    rows = {row["variant"]: row for row in parameter_counts(load_unet_config(str(DDPM_CIFAR10_CONFIG)))}
+    rows = {row["variant"]: row for row in parameter_counts(preset_unet_config("cifar10-ddpm"))}
     assert rows["stock"]["parameters"] == pytest.approx(35.7e6, rel=0.01)
     assert 0 < rows["dia_lstm/global"]["added_percent"] <= 1.0
 
 
-def test_params_command_prints_stock_and_dia_counts(capsys):
-    assert cli_main(["params", "--config", str(DDPM_CIFAR10_CONFIG), "--json"]) == 0
+def test_params_command_prints_stock_and_dia_counts(capsys, tmp_path):
+    assert cli_main(["params", "--preset", "cifar10-ddpm", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
-    assert rows[0]["variant"] == "stock" and {row["variant"] for row in rows} >= {
-        "dia_lstm/global",
-        "se_per_layer",
-    }
+    assert rows[0]["variant"] == "stock"
+    assert {row["variant"] for row in rows} >= {"dia_lstm/global", "se_per_layer"}
+    UNet2DModel(**tiny_config()).save_pretrained(tmp_path / "model")
+    assert cli_main(["params", "--config", str(tmp_path / "model"), "--json"]) == 0
+    tiny_rows = json.loads(capsys.readouterr().out)
+    assert tiny_rows[0]["parameters"] == count_parameters(UNet2DModel(**tiny_config()))
