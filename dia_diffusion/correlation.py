@@ -152,8 +152,9 @@ def run(args: argparse.Namespace) -> int:
     out_dir = Path(args.out_dir or args.model)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "correlation.json").write_text(json.dumps(report, indent=1))
+    sharing = "" if report["dia_attention"] == "se_per_layer" else f" ({report['dia_sharing']})"
     title = (
-        f"{report['dia_attention']} ({report['dia_sharing']}): mean off-diagonal r = {report['mean_off_diagonal']:.3f}\n"
+        f"{report['dia_attention']}{sharing}: mean off-diagonal r = {report['mean_off_diagonal']:.3f}\n"
         f"{report['num_images']} {report['dataset']} images x timesteps {report['timesteps']}"
     )
     matrix = np.array(
