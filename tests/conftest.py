@@ -4,6 +4,18 @@ import pytest
 import torch
 from accelerate.state import AcceleratorState, GradientState
 
+# An 8x8 grey UNet small enough for sampling and metric tests to run in well under a second.
+TINY_GREY_UNET = dict(
+    sample_size=8,
+    in_channels=1,
+    out_channels=1,
+    block_out_channels=(8, 16),
+    layers_per_block=1,
+    norm_num_groups=4,
+    down_block_types=("DownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "UpBlock2D"),
+)
+
 
 @pytest.fixture
 def isolated_run():

@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 import torch
+from conftest import TINY_GREY_UNET
 from diffusers import DDPMPipeline, DDPMScheduler
 
 from dia_diffusion import DIAUNet2DModel
@@ -27,17 +28,7 @@ def test_layer_correlation_is_the_mean_per_input_pearson_r():
 
 def tiny_model(attention: str) -> DIAUNet2DModel:
     torch.manual_seed(0)
-    return DIAUNet2DModel(
-        sample_size=8,
-        in_channels=1,
-        out_channels=1,
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        norm_num_groups=4,
-        down_block_types=("DownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "UpBlock2D"),
-        dia_attention=attention,
-    ).eval()
+    return DIAUNet2DModel(**TINY_GREY_UNET, dia_attention=attention).eval()
 
 
 def test_recording_sees_every_site_and_leaves_the_model_unchanged():
@@ -75,7 +66,9 @@ def test_analyze_correlation_command_writes_json_and_heatmap(tmp_path):
     assert code == 0
     report = json.loads((tmp_path / "out" / "correlation.json").read_text())
     assert report["num_images"] == 8 and report["dia_attention"] == "dia_lstm"
-    assert len(report["correlation"]) == len(report["site_widths"]) == len(tiny_model("dia_lstm").resnet_sites)
+    assert (
+        len(report["correlation"]) == len(report["site_widths"]) == len(tiny_model("dia_lstm").resnet_sites)
+    )
     assert -1 <= report["mean_off_diagonal"] <= 1
     assert (tmp_path / "out" / "correlation.png").stat().st_size > 1000
 

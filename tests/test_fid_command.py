@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TINY_GREY_UNET
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 from torch import nn
 
@@ -50,16 +51,7 @@ def pipeline_folder(tmp_path_factory) -> Path:
     """A saved DDPMPipeline with a tiny untrained 8x8 grey UNet."""
     folder = tmp_path_factory.mktemp("pipeline")
     torch.manual_seed(0)
-    unet = UNet2DModel(
-        sample_size=8,
-        in_channels=1,
-        out_channels=1,
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        norm_num_groups=4,
-        down_block_types=("DownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "UpBlock2D"),
-    )
+    unet = UNet2DModel(**TINY_GREY_UNET)
     DDPMPipeline(unet=unet, scheduler=DDPMScheduler(num_train_timesteps=100)).save_pretrained(folder)
     return folder
 

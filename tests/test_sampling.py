@@ -8,27 +8,18 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
+from conftest import TINY_GREY_UNET
 from diffusers import DDIMPipeline, DDPMPipeline, DDPMScheduler, UNet2DModel
 
 from dia_diffusion import DIAUNet2DModel
 from dia_diffusion.sampling import SamplingError, generate, load_pipeline, stock_pipeline
 
 SAMPLE_SCRIPT = Path(__file__).resolve().parents[1] / "pipelines" / "sample.py"
-TINY_UNET = dict(
-    sample_size=8,
-    in_channels=1,
-    out_channels=1,
-    block_out_channels=(8, 16),
-    layers_per_block=1,
-    norm_num_groups=4,
-    down_block_types=("DownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "UpBlock2D"),
-)
 
 
 def save_tiny_pipeline(folder: Path, unet_class: type = UNet2DModel, **unet_options) -> Path:
     torch.manual_seed(0)
-    unet = unet_class(**TINY_UNET, **unet_options)
+    unet = unet_class(**TINY_GREY_UNET, **unet_options)
     DDPMPipeline(unet=unet, scheduler=DDPMScheduler(num_train_timesteps=100)).save_pretrained(folder)
     return folder
 
