@@ -8,7 +8,7 @@ import torch
 from diffusers import UNet2DModel
 
 from dia_diffusion.channel_attention import SHARING_MODES
-from dia_diffusion.presets import PRESETS
+from dia_diffusion.presets import PRESETS, unet_arguments
 from dia_diffusion.unet_dia import DIA_ARGUMENTS, DIAUNet2DModel
 
 # (attention kind, sharing mode) pairs worth comparing; per-layer SE ignores the sharing mode.
@@ -58,13 +58,7 @@ def preset_unet_config(preset: str) -> dict:
     if preset not in PRESETS:
         raise ValueError(f"--preset: unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
     settings = PRESETS[preset].settings
-    channels = settings["channels"]
-    return {
-        **settings["unet_config"],
-        "sample_size": settings["resolution"],
-        "in_channels": channels,
-        "out_channels": channels,
-    }
+    return unet_arguments(settings["unet_config"], settings["resolution"], settings["channels"])
 
 
 def load_unet_config(path: str) -> dict:

@@ -139,6 +139,11 @@ PRESETS: dict[str, Preset] = {
 }
 
 
+def unet_arguments(unet_config: dict[str, Any], resolution: int, channels: int) -> dict[str, Any]:
+    """A UNet layout at the data's resolution and channel count: the complete UNet2DModel arguments."""
+    return {**unet_config, "sample_size": resolution, "in_channels": channels, "out_channels": channels}
+
+
 def build_unet(variant: str, unet_config: dict[str, Any], dia_options: dict[str, Any]) -> UNet2DModel:
     """The `--unet` variant of one UNet2DModel layout.
 

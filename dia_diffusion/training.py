@@ -43,7 +43,7 @@ from dia_diffusion.checkpointing import (
 from dia_diffusion.data import add_training_transform, load_image_dataset
 from dia_diffusion.evaluation import PipelineEvaluator
 from dia_diffusion.feature_extractors import MissingWeightsError
-from dia_diffusion.presets import PRESETS, UNET_VARIANTS, build_unet
+from dia_diffusion.presets import PRESETS, UNET_VARIANTS, build_unet, unet_arguments
 
 TRACKER_PROJECT = "train_ddpm"
 METRICS_FILENAME = "metrics.jsonl"
@@ -123,12 +123,7 @@ class TrainingConfig:
     eval_inference_steps: int = 50
 
     def unet_arguments(self) -> dict[str, Any]:
-        return {
-            **self.unet_config,
-            "sample_size": self.resolution,
-            "in_channels": self.channels,
-            "out_channels": self.channels,
-        }
+        return unet_arguments(self.unet_config, self.resolution, self.channels)
 
     def dia_options(self) -> dict[str, Any]:
         return {
