@@ -1,0 +1,93 @@
+"""The benchmark commands end to end at their smallest settings: what they print and write, not how fast it is."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dia_diffusion import DIAUNet2DModel
+from dia_diffusion.presets import PRESETS, unet_arguments
+
+REPOSITORY = Path(__file__).resolve().parent.parent
+ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def run_benchmark(script: str, *arguments: str) -> str:
+    result = subprocess.run(
+        [sys.executable, f"benchmarks/{script}", *arguments],
+        cwd=REPOSITORY,
+        env=ONE_THREAD,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    return result.stdout
+
+
+def test_cost_quick_prints_ratios_to_stock_last(tmp_path):
+    out = tmp_path / "cost.json"
+    stdout = run_benchmark(
+        "cost.py", "--quick", "--variants", "stock", "dia_lstm/global", "--rounds", "1", "--sampling_rounds", "1",
+        "--ddim_steps", "2", "--warmup", "0", "--json_out", str(out),
+    )  # fmt: skip
+    ratios = json.loads(stdout.strip().splitlines()[-1])
+    full = json.loads(out.read_text())
+    assert set(ratios) == {"dia_lstm/global"} and ratios == full["ratios"]
+    stock, dia = full["results"]["stock"], full["results"]["dia_lstm/global"]
+    assert ratios["dia_lstm/global"]["parameters"] == pytest.approx(dia["parameters"] / stock["parameters"])
+    # The shared attention module adds parameters and saved activations; the times are positive measurements.
+    assert dia["parameters"] > stock["parameters"] and dia["memory_bytes"] > stock["memory_bytes"]
+    assert all(value > 0 for value in ratios["dia_lstm/global"].values())
+
+
+def test_cost_needs_the_stock_baseline():
+    result = subprocess.run(
+        [sys.executable, "benchmarks/cost.py", "--quick", "--variants", "dia_lstm/global"],
+        cwd=REPOSITORY,
+        env=ONE_THREAD,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 2 and "must include stock" in result.stderr
+
+
+@pytest.mark.slow
+def test_quality_smoke_tabulates_and_resumes_from_cached_runs(tmp_path):
+    arguments = (
+        "--budget",
+        "smoke",
+        "--out",
+        str(tmp_path),
+        "--seeds",
+        "0",
+        "1",
+        "--variants",
+        "stock",
+        "dia-global",
+    )
+    stdout = run_benchmark("quality.py", *arguments, "--jobs", "2")
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    rows = {row["variant"]: row for row in summary["rows"]}
+    assert list(rows) == ["stock", "dia-global"] and all(row["seeds"] == 2 for row in rows.values())
+    # The parameter count is the trained model's: the demo layout with DIA added.
+    demo = PRESETS["demo"].settings["unet_config"]
+    dia = DIAUNet2DModel(**unet_arguments(demo, 8, 1))
+    assert (
+        rows["dia-global"]["parameters"]
+        == sum(p.numel() for p in dia.parameters())
+        > rows["stock"]["parameters"]
+    )
+    for row in rows.values():
+        assert row["fd_mean"] > 0 and len(row["fd_per_seed"]) == 2
+    assert (tmp_path / "fd_vs_step.png").stat().st_size > 0 and (tmp_path / "samples.png").stat().st_size > 0
+    assert "mean ± std over seeds" in stdout
+
+    # A second invocation finds every run finished: nothing is trained or sampled again, the table is the same.
+    logs = {path: path.read_text() for path in tmp_path.glob("*/seed-*/benchmark.log")}
+    assert len(logs) == 4
+    run_benchmark("quality.py", *arguments)
+    assert {path: path.read_text() for path in logs} == logs
+    assert json.loads((tmp_path / "summary.json").read_text())["rows"] == summary["rows"]
