@@ -5,6 +5,11 @@ strongly correlated attention maps, with an average Pearson correlation of up to
 trained UNet: it noises real images at several timesteps, records every resnet's channel-attention vector, and
 computes the Pearson correlation (across channels, for the same input) between every pair of layers of equal width,
 averaged over images and timesteps. Layers of different widths have no correlation and are left blank.
+
+It also reports how much each layer's attention depends on its input: the standard deviation of every channel's
+attention across the recorded inputs (images x timesteps), averaged over channels. Near zero, the attention is a
+fixed per-channel scale, which the following convolution could have learnt by itself; the recalibration the paper
+credits for DIA's gains needs attention that changes with the input.
 """
 
 import argparse
@@ -60,6 +65,11 @@ def layer_correlation(vectors: list[torch.Tensor]) -> np.ndarray:
             if normalised[i].shape == normalised[j].shape:
                 matrix[i, j] = (normalised[i] * normalised[j]).sum(dim=1).mean().item()
     return matrix
+
+
+def input_variation(vectors: list[torch.Tensor]) -> list[float]:
+    """Per layer: each channel's attention std across inputs, averaged over channels."""
+    return [site_vectors.double().std(dim=0).mean().item() for site_vectors in vectors]
 
 
 def mean_off_diagonal(matrix: np.ndarray) -> float:
@@ -124,6 +134,7 @@ def analyze(args: argparse.Namespace) -> dict:
         "site_widths": widths,
         "mean_off_diagonal": mean_off_diagonal(matrix),
         "mean_off_diagonal_per_width": per_width,
+        "input_variation": [round(value, 5) for value in input_variation(vectors)],
         "correlation": [[None if np.isnan(value) else round(value, 5) for value in row] for row in matrix],
     }
 
@@ -163,6 +174,11 @@ def run(args: argparse.Namespace) -> int:
     draw_heatmap(matrix, report["site_widths"], title, out_dir / "correlation.png")
     print(
         f"mean off-diagonal Pearson r = {report['mean_off_diagonal']:.4f}  (per width: {report['mean_off_diagonal_per_width']})"
+    )
+    variation = report["input_variation"]
+    print(
+        f"attention std across inputs, mean over channels: {min(variation):.4f} to {max(variation):.4f} per layer "
+        f"(mean {sum(variation) / len(variation):.4f})"
     )
     print(f"wrote {out_dir / 'correlation.json'} and {out_dir / 'correlation.png'}")
     return 0

@@ -9,7 +9,7 @@ from diffusers import DDPMPipeline, DDPMScheduler
 
 from dia_diffusion import DIAUNet2DModel
 from dia_diffusion.cli import main as cli_main
-from dia_diffusion.correlation import layer_correlation, mean_off_diagonal, record_attention
+from dia_diffusion.correlation import input_variation, layer_correlation, mean_off_diagonal, record_attention
 
 
 def test_layer_correlation_is_the_mean_per_input_pearson_r():
@@ -24,6 +24,12 @@ def test_layer_correlation_is_the_mean_per_input_pearson_r():
     assert np.isclose(
         mean_off_diagonal(matrix), np.nanmean([matrix[i, j] for i in range(4) for j in range(4) if i != j])
     )
+
+
+def test_input_variation_is_zero_for_a_fixed_scale_and_the_channel_mean_std_otherwise():
+    fixed = torch.rand(1, 6).expand(10, 6)
+    varying = torch.rand(10, 6, generator=torch.Generator().manual_seed(1))
+    assert input_variation([fixed, varying]) == [0.0, varying.double().std(dim=0).mean().item()]
 
 
 def tiny_model(attention: str) -> DIAUNet2DModel:
@@ -70,6 +76,10 @@ def test_analyze_correlation_command_writes_json_and_heatmap(tmp_path):
         len(report["correlation"]) == len(report["site_widths"]) == len(tiny_model("dia_lstm").resnet_sites)
     )
     assert -1 <= report["mean_off_diagonal"] <= 1
+    assert len(report["input_variation"]) == len(report["site_widths"])
+    assert all(
+        value > 0 for value in report["input_variation"]
+    )  # a random model's attention follows its input
     assert (tmp_path / "out" / "correlation.png").stat().st_size > 1000
 
 
