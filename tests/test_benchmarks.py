@@ -71,7 +71,7 @@ def test_quality_smoke_tabulates_and_resumes_from_cached_runs(tmp_path):
     stdout = run_benchmark("quality.py", *arguments, "--jobs", "2")
     summary = json.loads((tmp_path / "summary.json").read_text())
     rows = {row["variant"]: row for row in summary["rows"]}
-    assert list(rows) == ["stock", "dia-global"] and all(row["seeds"] == 2 for row in rows.values())
+    assert list(rows) == ["stock", "dia-global"] and all(row["seeds"] == [0, 1] for row in rows.values())
     # The parameter count is the trained model's: the demo layout with DIA added.
     demo = PRESETS["demo"].settings["unet_config"]
     dia = DIAUNet2DModel(**unet_arguments(demo, 8, 1))
@@ -82,8 +82,14 @@ def test_quality_smoke_tabulates_and_resumes_from_cached_runs(tmp_path):
     )
     for row in rows.values():
         assert row["fd_mean"] > 0 and len(row["fd_per_seed"]) == 2
+    # The ratio to stock is taken seed by seed: stock's own ratio is exactly 1 with no spread.
+    assert rows["stock"]["ratio_to_stock_mean"] == 1 and rows["stock"]["ratio_to_stock_std"] == 0
+    per_seed = [
+        dia / stock for dia, stock in zip(rows["dia-global"]["fd_per_seed"], rows["stock"]["fd_per_seed"])
+    ]
+    assert rows["dia-global"]["ratio_to_stock_mean"] == pytest.approx(sum(per_seed) / 2)
     assert (tmp_path / "fd_vs_step.png").stat().st_size > 0 and (tmp_path / "samples.png").stat().st_size > 0
-    assert "mean ± std over seeds" in stdout
+    assert "vs stock, same seed" in stdout
 
     # A second invocation finds every run finished: nothing is trained or sampled again, the table is the same.
     logs = {path: path.read_text() for path in tmp_path.glob("*/seed-*/benchmark.log")}
