@@ -25,7 +25,8 @@ from pathlib import Path
 
 from diffusers import DDPMPipeline
 
-import dia_diffusion  # noqa: F401  (registers DIAUNet2DModel for the pipeline loader)
+# Importing the package also registers DIAUNet2DModel for the pipeline loader.
+from dia_diffusion.parameter_count import count_parameters
 
 REPOSITORY = Path(__file__).resolve().parent.parent
 VARIANTS = {
@@ -128,7 +129,7 @@ def train_and_measure(
         "seed": seed,
         "fd_classifier": fd["fd_classifier"],
         "fd_record": fd,
-        "parameters": fd.get("fake", {}).get("parameters") or count_parameters(run_dir / "model"),
+        "parameters": count_parameters(DDPMPipeline.from_pretrained(run_dir / "model").unet),
         "unet_class": unet_config["_class_name"],
         "train_seconds": train_seconds,
         "fd_vs_step": [(row["step"], row["fd_classifier"]) for row in history if "fd_classifier" in row],
@@ -137,10 +138,6 @@ def train_and_measure(
     partial.write_text(json.dumps(result, indent=1))
     os.replace(partial, result_file)
     return result
-
-
-def count_parameters(model_dir: Path) -> int:
-    return sum(p.numel() for p in DDPMPipeline.from_pretrained(model_dir).unet.parameters())
 
 
 def summarise(results: list[dict]) -> list[dict]:

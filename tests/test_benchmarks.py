@@ -15,24 +15,27 @@ REPOSITORY = Path(__file__).resolve().parent.parent
 ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
-def run_benchmark(script: str, *arguments: str) -> str:
-    result = subprocess.run(
+def run_benchmark(script: str, *arguments: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
         [sys.executable, f"benchmarks/{script}", *arguments],
         cwd=REPOSITORY,
         env=ONE_THREAD,
         capture_output=True,
         text=True,
     )
+
+
+def succeeded(result: subprocess.CompletedProcess) -> str:
     assert result.returncode == 0, result.stderr[-2000:]
     return result.stdout
 
 
 def test_cost_quick_prints_ratios_to_stock_last(tmp_path):
     out = tmp_path / "cost.json"
-    stdout = run_benchmark(
+    stdout = succeeded(run_benchmark(
         "cost.py", "--quick", "--variants", "stock", "dia_lstm/global", "--rounds", "1", "--sampling_rounds", "1",
         "--ddim_steps", "2", "--warmup", "0", "--json_out", str(out),
-    )  # fmt: skip
+    ))  # fmt: skip
     ratios = json.loads(stdout.strip().splitlines()[-1])
     full = json.loads(out.read_text())
     assert set(ratios) == {"dia_lstm/global"} and ratios == full["ratios"]
@@ -44,31 +47,14 @@ def test_cost_quick_prints_ratios_to_stock_last(tmp_path):
 
 
 def test_cost_needs_the_stock_baseline():
-    result = subprocess.run(
-        [sys.executable, "benchmarks/cost.py", "--quick", "--variants", "dia_lstm/global"],
-        cwd=REPOSITORY,
-        env=ONE_THREAD,
-        capture_output=True,
-        text=True,
-    )
+    result = run_benchmark("cost.py", "--quick", "--variants", "dia_lstm/global")
     assert result.returncode == 2 and "must include stock" in result.stderr
 
 
 @pytest.mark.slow
 def test_quality_smoke_tabulates_and_resumes_from_cached_runs(tmp_path):
-    arguments = (
-        "--budget",
-        "smoke",
-        "--out",
-        str(tmp_path),
-        "--seeds",
-        "0",
-        "1",
-        "--variants",
-        "stock",
-        "dia-global",
-    )
-    stdout = run_benchmark("quality.py", *arguments, "--jobs", "2")
+    arguments = ("--budget", "smoke", "--out", str(tmp_path), "--seeds", "0", "1", "--variants", "stock", "dia-global")  # fmt: skip
+    stdout = succeeded(run_benchmark("quality.py", *arguments, "--jobs", "2"))
     summary = json.loads((tmp_path / "summary.json").read_text())
     rows = {row["variant"]: row for row in summary["rows"]}
     assert list(rows) == ["stock", "dia-global"] and all(row["seeds"] == [0, 1] for row in rows.values())
@@ -94,6 +80,6 @@ def test_quality_smoke_tabulates_and_resumes_from_cached_runs(tmp_path):
     # A second invocation finds every run finished: nothing is trained or sampled again, the table is the same.
     logs = {path: path.read_text() for path in tmp_path.glob("*/seed-*/benchmark.log")}
     assert len(logs) == 4
-    run_benchmark("quality.py", *arguments)
+    succeeded(run_benchmark("quality.py", *arguments))
     assert {path: path.read_text() for path in logs} == logs
     assert json.loads((tmp_path / "summary.json").read_text())["rows"] == summary["rows"]

@@ -77,9 +77,8 @@ def test_analyze_correlation_command_writes_json_and_heatmap(tmp_path):
     )
     assert -1 <= report["mean_off_diagonal"] <= 1
     assert len(report["input_variation"]) == len(report["site_widths"])
-    assert all(
-        value > 0 for value in report["input_variation"]
-    )  # a random model's attention follows its input
+    # A random model's attention follows its input.
+    assert all(value > 0 for value in report["input_variation"])
     assert (tmp_path / "out" / "correlation.png").stat().st_size > 1000
 
 
