@@ -7,16 +7,30 @@ from pathlib import Path
 import torch
 from diffusers import UNet2DModel
 
-from dia_diffusion.channel_attention import SHARING_MODES
+from dia_diffusion.dia_options import DIA_ARGUMENTS
 from dia_diffusion.presets import PRESETS, unet_arguments
-from dia_diffusion.unet_dia import DIA_ARGUMENTS, DIAUNet2DModel
+from dia_diffusion.unet_dia import DIAUNet2DModel
 
-# (attention kind, sharing mode) pairs worth comparing; per-layer SE ignores the sharing mode.
-VARIANTS = (
-    *(("dia_lstm", sharing) for sharing in SHARING_MODES),
-    *(("se_shared", sharing) for sharing in SHARING_MODES),
-    ("se_per_layer", "global"),
-)
+# The variants worth comparing, by the name the table prints: the DIA options that tell them apart.
+VARIANTS: dict[str, dict] = {
+    "dia_lstm/global": dict(dia_attention="dia_lstm", dia_sharing="global"),
+    "dia_lstm/global+timestep": dict(
+        dia_attention="dia_lstm", dia_sharing="global", dia_condition="timestep"
+    ),
+    "dia_lstm/global-widest": dict(dia_attention="dia_lstm", dia_sharing="global", dia_global_cell="widest"),
+    "dia_lstm/global-widest+timestep": dict(
+        dia_attention="dia_lstm", dia_sharing="global", dia_global_cell="widest", dia_condition="timestep"
+    ),
+    "dia_lstm/per_width": dict(dia_attention="dia_lstm", dia_sharing="per_width"),
+    "dia_lstm/per_block": dict(dia_attention="dia_lstm", dia_sharing="per_block"),
+    "dia_lstm/per_block+timestep": dict(
+        dia_attention="dia_lstm", dia_sharing="per_block", dia_condition="timestep"
+    ),
+    "se_shared/global": dict(dia_attention="se_shared", dia_sharing="global"),
+    "se_shared/per_width": dict(dia_attention="se_shared", dia_sharing="per_width"),
+    "se_shared/per_block": dict(dia_attention="se_shared", dia_sharing="per_block"),
+    "se_per_layer": dict(dia_attention="se_per_layer"),
+}
 
 
 def count_parameters(module: torch.nn.Module) -> int:
@@ -36,12 +50,12 @@ def parameter_counts(unet_config: dict, **dia_options) -> list[dict]:
     with torch.device("meta"):
         stock = count_parameters(UNet2DModel(**config))
         rows = [{"variant": "stock", "parameters": stock, "added": 0, "added_percent": 0.0}]
-        for attention, sharing in VARIANTS:
-            options = {**dia_options, "dia_attention": attention, "dia_sharing": sharing}
-            if attention == "se_per_layer" or sharing != "global":
+        for name, variant in VARIANTS.items():
+            options = {**dia_options, **variant}
+            if options.get("dia_sharing", "global") != "global" or "widest" in name or name == "se_per_layer":
+                # The hidden width sets only the global bottleneck cell's width.
                 options.pop("dia_hidden_channels", None)
             total = count_parameters(DIAUNet2DModel(**config, **options))
-            name = attention if attention == "se_per_layer" else f"{attention}/{sharing}"
             rows.append(
                 {
                     "variant": name,
@@ -91,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(rows))
         return 0
-    print(f"{'variant':<22}{'parameters':>14}{'added':>12}{'added %':>10}")
+    print(f"{'variant':<34}{'parameters':>14}{'added':>12}{'added %':>10}")
     for row in rows:
-        print(f"{row['variant']:<22}{row['parameters']:>14,}{row['added']:>12,}{row['added_percent']:>9.2f}%")
+        print(f"{row['variant']:<34}{row['parameters']:>14,}{row['added']:>12,}{row['added_percent']:>9.2f}%")
     return 0

@@ -148,7 +148,8 @@ def build_unet(variant: str, unet_config: dict[str, Any], dia_options: dict[str,
     """The `--unet` variant of one UNet2DModel layout.
 
     `unet_config` holds UNet2DModel arguments (sample size and channels included); `dia_options` holds
-    `dia_sharing`, `dia_reduction`, `dia_hidden_channels` and `dia_gate`, which the stock UNet ignores.
+    `dia_sharing`, `dia_reduction`, `dia_hidden_channels`, `dia_gate`, `dia_condition` and `dia_global_cell`, which
+    the stock UNet ignores.
     """
     if variant not in UNET_VARIANTS:
         raise ValueError(f"unet must be one of {', '.join(UNET_VARIANTS)}, got {variant!r}")

@@ -88,6 +88,8 @@ class TrainingConfig:
     dia_reduction: int = 4
     dia_hidden_channels: int | None = None
     dia_gate: str = "sigmoid"
+    dia_condition: str = "none"
+    dia_global_cell: str = "bottleneck"
     gradient_checkpointing: bool = False
     compile: bool = False
     # diffusion
@@ -131,6 +133,8 @@ class TrainingConfig:
             "dia_reduction": self.dia_reduction,
             "dia_hidden_channels": self.dia_hidden_channels,
             "dia_gate": self.dia_gate,
+            "dia_condition": self.dia_condition,
+            "dia_global_cell": self.dia_global_cell,
         }
 
 

@@ -11,6 +11,7 @@ it saw the first time.
 
 import functools
 import inspect
+from dataclasses import dataclass, field
 
 import torch
 from diffusers import (
@@ -21,48 +22,12 @@ from diffusers.configuration_utils import register_to_config
 from diffusers.models.resnet import ResnetBlock2D
 from diffusers.models.unets.unet_2d import UNet2DOutput
 
-from dia_diffusion.channel_attention import (
-    ATTENTION_KINDS,
-    GATES,
-    SHARING_MODES,
-    ChannelAttention,
-    ResnetSite,
-)
+from dia_diffusion.channel_attention import ChannelAttention, ResnetSite
+from dia_diffusion.dia_options import DIA_ARGUMENTS, check_dia_arguments
 
 SUPPORTED_DOWN_BLOCKS = ("DownBlock2D", "AttnDownBlock2D", "ResnetDownsampleBlock2D")
 SUPPORTED_MID_BLOCKS = ("UNetMidBlock2D", None)
 SUPPORTED_UP_BLOCKS = ("UpBlock2D", "AttnUpBlock2D", "ResnetUpsampleBlock2D")
-DIA_ARGUMENTS = ("dia_attention", "dia_sharing", "dia_reduction", "dia_hidden_channels", "dia_gate")
-
-
-def check_dia_arguments(
-    dia_attention: str, dia_sharing: str, dia_reduction: int, dia_hidden_channels: int | None, dia_gate: str
-) -> None:
-    """Raises a ValueError that names the first invalid DIA argument."""
-    for name, value, choices in (
-        ("dia_attention", dia_attention, ATTENTION_KINDS),
-        ("dia_sharing", dia_sharing, SHARING_MODES),
-        ("dia_gate", dia_gate, GATES),
-    ):
-        if value not in choices:
-            raise ValueError(f"{name} must be one of {choices}, got {value!r}")
-    if isinstance(dia_reduction, bool) or not isinstance(dia_reduction, int) or dia_reduction < 1:
-        raise ValueError(f"dia_reduction must be a positive integer, got {dia_reduction!r}")
-    if dia_hidden_channels is not None:
-        if (
-            isinstance(dia_hidden_channels, bool)
-            or not isinstance(dia_hidden_channels, int)
-            or dia_hidden_channels < 1
-        ):
-            raise ValueError(
-                f"dia_hidden_channels must be a positive integer or None, got {dia_hidden_channels!r}"
-            )
-        if dia_sharing != "global" or dia_attention not in ("dia_lstm", "se_shared"):
-            raise ValueError(
-                "dia_hidden_channels sets the width of the globally shared module; it needs dia_sharing='global' "
-                f"and dia_attention 'dia_lstm' or 'se_shared', got dia_sharing={dia_sharing!r}, "
-                f"dia_attention={dia_attention!r}"
-            )
 
 
 def check_block_types(down_block_types, mid_block_type, up_block_types, resnet_time_scale_shift) -> None:
@@ -83,6 +48,16 @@ def check_block_types(down_block_types, mid_block_type, up_block_types, resnet_t
         )
 
 
+@dataclass
+class AttentionPass:
+    """What one forward call carries from resnet to resnet: the index of the next site, each cell's recurrent state
+    (keyed like `ChannelAttention.site_cells`) and the projected time embedding (None without conditioning)."""
+
+    condition: torch.Tensor | None
+    site: int = 0
+    states: dict = field(default_factory=dict)
+
+
 class DIAUNet2DModel(UNet2DModel):
     r"""A `UNet2DModel` whose resnets share one DIA channel-attention module.
 
@@ -96,6 +71,11 @@ class DIAUNet2DModel(UNet2DModel):
         dia_hidden_channels (`int`, *optional*): width of the globally shared cell; defaults to the narrowest width.
         dia_gate (`str`, defaults to `"sigmoid"`): `"sigmoid"` multiplies the branch by the attention (the paper);
             `"identity"` is exactly the identity at initialisation (for retrofitting pretrained UNets).
+        dia_condition (`str`, defaults to `"none"`): `"timestep"` adds the projected time embedding to the cell's
+            input at every resnet, so one shared cell can attend differently at different noise levels.
+        dia_global_cell (`str`, defaults to `"bottleneck"`): how the global cell serves every width: `"bottleneck"`
+            (a cell at `dia_hidden_channels` with input and output adapters) or `"widest"` (a cell at the widest
+            width, input adapters only, its own sigmoid output sliced per width). See `channel_attention.py`.
     """
 
     @register_to_config
@@ -139,9 +119,20 @@ class DIAUNet2DModel(UNet2DModel):
         dia_reduction: int = 4,
         dia_hidden_channels: int | None = None,
         dia_gate: str = "sigmoid",
+        dia_condition: str = "none",
+        dia_global_cell: str = "bottleneck",
     ):
         check_block_types(down_block_types, mid_block_type, up_block_types, resnet_time_scale_shift)
-        check_dia_arguments(dia_attention, dia_sharing, dia_reduction, dia_hidden_channels, dia_gate)
+        dia_options = dict(
+            attention=dia_attention,
+            sharing=dia_sharing,
+            reduction=dia_reduction,
+            hidden_channels=dia_hidden_channels,
+            gate=dia_gate,
+            condition=dia_condition,
+            global_cell=dia_global_cell,
+        )
+        check_dia_arguments(**dia_options)
         super().__init__(
             sample_size=sample_size,
             in_channels=in_channels,
@@ -181,7 +172,7 @@ class DIAUNet2DModel(UNet2DModel):
             self.channel_attention = None
         else:
             self.channel_attention = ChannelAttention(
-                self.resnet_sites, dia_attention, dia_sharing, dia_reduction, dia_hidden_channels, dia_gate
+                self.resnet_sites, **dia_options, condition_channels=self.time_embedding.linear_2.out_features
             )
 
     def resnets_in_order(self):
@@ -274,38 +265,35 @@ class DIAUNet2DModel(UNet2DModel):
         # 2. pre-process
         sample = self.conv_in(sample)
 
-        # The DIA state of each cell, keyed like ChannelAttention.site_cells; empty at the start of every call.
-        states: dict = {}
-        site = 0
+        # The DIA state starts empty in every call; the time embedding is projected once for all resnets.
+        dia = AttentionPass(
+            self.channel_attention.project_condition(emb) if self.channel_attention is not None else None
+        )
 
         # 3. down
         down_block_res_samples = (sample,)
         for block in self.down_blocks:
             attentions = getattr(block, "attentions", None)
             for index, resnet in enumerate(block.resnets):
-                sample = self._run_resnet(resnet, site, sample, emb, states)
-                site += 1
+                sample = self._run_resnet(resnet, sample, emb, dia)
                 if attentions is not None:
                     sample = attentions[index](sample)
                 down_block_res_samples += (sample,)
             if block.downsamplers is not None:
                 for downsampler in block.downsamplers:
                     if isinstance(downsampler, ResnetBlock2D):
-                        sample = self._run_resnet(downsampler, site, sample, emb, states)
-                        site += 1
+                        sample = self._run_resnet(downsampler, sample, emb, dia)
                     else:
                         sample = downsampler(sample)
                 down_block_res_samples += (sample,)
 
         # 4. mid
         if self.mid_block is not None:
-            sample = self._run_resnet(self.mid_block.resnets[0], site, sample, emb, states)
-            site += 1
+            sample = self._run_resnet(self.mid_block.resnets[0], sample, emb, dia)
             for attention, resnet in zip(self.mid_block.attentions, self.mid_block.resnets[1:]):
                 if attention is not None:
                     sample = attention(sample, temb=emb)
-                sample = self._run_resnet(resnet, site, sample, emb, states)
-                site += 1
+                sample = self._run_resnet(resnet, sample, emb, dia)
 
         # 5. up
         for block in self.up_blocks:
@@ -313,15 +301,13 @@ class DIAUNet2DModel(UNet2DModel):
             for index, resnet in enumerate(block.resnets):
                 skip = down_block_res_samples[-1]
                 down_block_res_samples = down_block_res_samples[:-1]
-                sample = self._run_resnet(resnet, site, torch.cat([sample, skip], dim=1), emb, states)
-                site += 1
+                sample = self._run_resnet(resnet, torch.cat([sample, skip], dim=1), emb, dia)
                 if attentions is not None:
                     sample = attentions[index](sample)
             if block.upsamplers is not None:
                 for upsampler in block.upsamplers:
                     if isinstance(upsampler, ResnetBlock2D):
-                        sample = self._run_resnet(upsampler, site, sample, emb, states)
-                        site += 1
+                        sample = self._run_resnet(upsampler, sample, emb, dia)
                     else:
                         sample = upsampler(sample)
 
@@ -335,20 +321,24 @@ class DIAUNet2DModel(UNet2DModel):
         return UNet2DOutput(sample=sample)
 
     def _run_resnet(
-        self, resnet: ResnetBlock2D, site: int, sample: torch.Tensor, temb: torch.Tensor, states: dict
+        self, resnet: ResnetBlock2D, sample: torch.Tensor, temb: torch.Tensor, dia: "AttentionPass"
     ):
-        """Runs one resnet with its DIA state, checkpointed when gradient checkpointing is on; updates `states`."""
+        """Runs the next resnet with its DIA state, checkpointed when gradient checkpointing is on; advances `dia`."""
+        site, condition = dia.site, dia.condition
         key = self.channel_attention.site_cells[site] if self.channel_attention is not None else None
-        hidden, cell = states.get(key, (None, None))
+        hidden, cell = dia.states.get(key, (None, None))
         if torch.is_grad_enabled() and self.gradient_checkpointing:
             run = functools.partial(self._resnet_forward, resnet, site)
-            sample, hidden, cell = self._gradient_checkpointing_func(run, sample, temb, hidden, cell)
+            sample, hidden, cell = self._gradient_checkpointing_func(
+                run, sample, temb, hidden, cell, condition
+            )
         else:
-            sample, hidden, cell = self._resnet_forward(resnet, site, sample, temb, hidden, cell)
-        states[key] = (hidden, cell)
+            sample, hidden, cell = self._resnet_forward(resnet, site, sample, temb, hidden, cell, condition)
+        dia.states[key] = (hidden, cell)
+        dia.site += 1
         return sample
 
-    def _resnet_forward(self, resnet: ResnetBlock2D, site: int, input_tensor, temb, hidden, cell):
+    def _resnet_forward(self, resnet: ResnetBlock2D, site: int, input_tensor, temb, hidden, cell, condition):
         # Adapted from diffusers ResnetBlock2D.forward (diffusers 0.42), with the channel attention inserted on the
         # residual branch after conv2, before the shortcut add and output_scale_factor (DIANet's placement).
         hidden_states = resnet.nonlinearity(resnet.norm1(input_tensor))
@@ -378,7 +368,7 @@ class DIAUNet2DModel(UNet2DModel):
 
         if self.channel_attention is not None:
             state = None if hidden is None else (hidden, cell)
-            hidden_states, state = self.channel_attention(hidden_states, site, state)
+            hidden_states, state = self.channel_attention(hidden_states, site, state, condition)
             hidden, cell = (None, None) if state is None else state
 
         if resnet.conv_shortcut is not None:

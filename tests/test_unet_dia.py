@@ -235,8 +235,16 @@ def test_every_parameter_receives_a_gradient(attention, sharing):
         assert any("hidden_map" in name for name in gradients)
 
 
-def test_gradient_checkpointing_gives_the_same_loss_and_gradients():
-    model = build(**ALL_BLOCKS_CONFIG)
+@pytest.mark.parametrize(
+    "options",
+    [{}, dict(dia_condition="timestep"), dict(dia_global_cell="widest", dia_condition="timestep")],
+    ids=str,
+)
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients(options):
+    model = build(**ALL_BLOCKS_CONFIG, **options)
+    if options:
+        # The time-embedding projection starts at zero; make it take part in the computation.
+        torch.nn.init.normal_(model.channel_attention.condition_projection.weight)
     loss, gradients = loss_and_gradients(model)
     model.enable_gradient_checkpointing()
     checkpointed_loss, checkpointed_gradients = loss_and_gradients(model)
@@ -255,8 +263,9 @@ def test_bf16_autocast_forward_and_backward():
     assert all(torch.isfinite(p.grad).all() for p in model.parameters())
 
 
-def test_torch_compile_full_graph_has_no_graph_breaks():
-    model = build()
+@pytest.mark.parametrize("options", [{}, dict(dia_global_cell="widest", dia_condition="timestep")], ids=str)
+def test_torch_compile_full_graph_has_no_graph_breaks(options):
+    model = build(**options)
     sample, timestep = inputs()
     eager = model(sample, timestep).sample
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")

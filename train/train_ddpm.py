@@ -53,6 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--dia_reduction", type=int)
     model.add_argument("--dia_hidden_channels", type=int)
     model.add_argument("--dia_gate", help="sigmoid or identity")
+    model.add_argument("--dia_condition", help="none, or timestep: the attention also sees the noise level")
+    model.add_argument(
+        "--dia_global_cell", help="bottleneck or widest: the width of the globally shared cell"
+    )
     model.add_argument("--gradient_checkpointing", action=flag_bool, default=None)
     model.add_argument("--compile", action=flag_bool, default=None, help="torch.compile the UNet (inductor)")
     model.add_argument("--prediction_type", help="epsilon, sample or v_prediction")
