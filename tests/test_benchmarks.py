@@ -83,3 +83,31 @@ def test_quality_smoke_tabulates_and_resumes_from_cached_runs(tmp_path):
     succeeded(run_benchmark("quality.py", *arguments))
     assert {path: path.read_text() for path in logs} == logs
     assert json.loads((tmp_path / "summary.json").read_text())["rows"] == summary["rows"]
+
+
+@pytest.mark.slow
+def test_correlation_benchmark_trains_a_variant_once_and_tabulates_the_report_keys(tmp_path):
+    arguments = (
+        "--budget",
+        "smoke",
+        "--out",
+        str(tmp_path),
+        "--num_images",
+        "4",
+        "--variants",
+        "dia-timestep",
+    )
+    stdout = succeeded(run_benchmark("correlation.py", *arguments))
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert [row["variant"] for row in summary["rows"]] == ["dia-timestep"]
+    for row in summary["rows"]:
+        report = json.loads((tmp_path / row["variant"] / "correlation.json").read_text())
+        assert row["mean_r_aligned_pairs"] == report["mean_r_aligned_pairs"]
+        assert row["timestep_variation_mean"] == report["timestep_variation_mean"] > 0
+    config = json.loads((tmp_path / "dia-timestep" / "model" / "unet" / "config.json").read_text())
+    assert config["dia_condition"] == "timestep"
+    assert "r aligned" in stdout
+    # Finished variants are reused, not trained or analysed again.
+    logs = {path: path.read_text() for path in tmp_path.glob("*/benchmark.log")}
+    succeeded(run_benchmark("correlation.py", *arguments))
+    assert {path: path.read_text() for path in logs} == logs
