@@ -182,7 +182,7 @@ def draw_heatmap(
     labels = [f"{index}:{width}" for index, width in enumerate(site_widths)]
     axes.set_xticks(range(len(labels)), labels, rotation=90, fontsize=6)
     axes.set_yticks(range(len(labels)), labels, fontsize=6)
-    axes.set_xlabel("resnet (forward order : width); boxes: resnets adding into one residual stream")
+    axes.set_xlabel("resnet (forward order : width); boxed: one residual stream", fontsize=8)
     axes.set_title(title, fontsize=8)
     figure.colorbar(image, ax=axes, label="Pearson r", shrink=0.8)
     figure.tight_layout()
