@@ -322,6 +322,7 @@ def test_killing_accelerate_launch_stops_its_training(script, capsys, tiny_datas
         launcher.send_signal(signal.SIGTERM)
         # The training process holds the launcher's stderr until it exits.
         _, launcher_stderr = launcher.communicate(timeout=120)
+        assert launcher.returncode == -signal.SIGTERM  # killed by it: the shell's 143
     finally:
         launcher.kill()
         for pid in trainers:

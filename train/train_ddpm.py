@@ -1,10 +1,11 @@
 """Train a DDPM with a DIA (or stock) UNet and leave a diffusers DDPMPipeline folder.
 
-    accelerate launch train/train_ddpm.py --preset demo --output_dir runs/demo
+    python train/train_ddpm.py --preset demo --output_dir runs/demo
 
-A preset (see --list_presets) sets every value; each flag given overrides one. The resolved config is written to
-OUTPUT_DIR/training_config.json. Re-running the same command with --resume_from_checkpoint latest continues a run.
-See docs/training.md.
+(several processes: `accelerate launch` or `torchrun`). A preset (see --list_presets) sets every value; each flag
+given overrides one. The resolved config is written to OUTPUT_DIR/training_config.json. Re-running the same command
+with --resume_from_checkpoint latest continues a run. Errors end in one line and exit status 2 (bad input) or 1; a
+stop signal in one line and 128 + the signal. See docs/training.md.
 """
 
 import argparse
