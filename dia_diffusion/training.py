@@ -257,13 +257,11 @@ def validate_config(config: TrainingConfig) -> None:
         )
 
 
-def run_record(
-    config: TrainingConfig, num_processes: int, learning_rate_changes: list[dict[str, Any]] | None = None
-) -> dict[str, Any]:
+def run_record(config: TrainingConfig, num_processes: int) -> dict[str, Any]:
     """What `training_config.json` holds: the resolved config, the process count the data order depends on, and
-    the learning rates the optimizer used: `{"step": s, "learning_rate": lr}` means lr from step s + 1 on."""
-    if learning_rate_changes is None:
-        learning_rate_changes = [{"step": 0, "learning_rate": config.learning_rate}]
+    the learning rates the optimizer used: `{"step": s, "learning_rate": lr}` means lr from step s + 1 on (a resumed
+    run takes the history from its checkpoint, see `resume`)."""
+    learning_rate_changes = [{"step": 0, "learning_rate": config.learning_rate}]
     return {**asdict(config), "num_processes": num_processes, "learning_rate_changes": learning_rate_changes}
 
 
