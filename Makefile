@@ -16,8 +16,7 @@ test: $(INSTALLED)
 	$(VENV)/bin/python -m pytest -q
 
 demo: $(INSTALLED)
-	$(VENV)/bin/accelerate launch --quiet --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no \
-		train/train_ddpm.py --preset demo --output_dir runs/demo
+	OMP_NUM_THREADS=1 $(VENV)/bin/python train/train_ddpm.py --preset demo --output_dir runs/demo
 
 lint: $(INSTALLED)
 	$(VENV)/bin/ruff check .

@@ -11,6 +11,7 @@ and sampling/evaluation run inside `torch.random.fork_rng`, so they never shift 
 
 import json
 import math
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -23,6 +24,7 @@ import torch
 import torch.nn.functional as F
 import torchvision
 from accelerate import Accelerator
+from accelerate.scheduler import AcceleratedScheduler
 from accelerate.utils import GradientAccumulationPlugin, ProjectConfiguration, set_seed
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 from diffusers.optimization import SchedulerType, get_scheduler
@@ -33,10 +35,13 @@ from tqdm.auto import tqdm
 from dia_diffusion.checkpointing import (
     CHECKPOINTS_DIRNAME,
     check_output_dir,
+    check_resume_checkpoint,
+    checkpoint_step,
+    claim_output_dir,
     find_latest_checkpoint,
-    load_checkpoint,
+    load_resume_checkpoint,
     publish_pipeline,
-    resolve_resume_checkpoint,
+    read_run_record,
     save_checkpoint,
     write_run_record,
 )
@@ -58,6 +63,10 @@ MIXED_PRECISION_MODES = ("no", "fp16", "bf16")
 LOGGERS = ("tensorboard", "none")
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid")
 VARIANCE_TYPES = ("fixed_small", "fixed_large")
+# diffusers' schedules, except piecewise_constant: it needs step rules, which no flag sets.
+LR_SCHEDULERS = tuple(kind.value for kind in SchedulerType if kind != SchedulerType.PIECEWISE_CONSTANT)
+# numpy's seed range; accelerate's set_seed seeds numpy too.
+MAX_SEED = 2**32 - 1
 
 
 class TrainingConfigError(ValueError):
@@ -138,10 +147,13 @@ class TrainingConfig:
         }
 
 
-# Settings that may change between invocations of one run without making it a different run.
+# Settings that may change between invocations of one run without making it a different run. A changed learning
+# rate is recorded in `learning_rate_changes` with the step it applies from.
 RUN_NEUTRAL_FIELDS = (
     "output_dir",
     "resume_from_checkpoint",
+    "learning_rate",
+    "learning_rate_changes",
     "max_train_steps",
     "dataloader_num_workers",
     "gradient_checkpointing",
@@ -188,7 +200,7 @@ def validate_config(config: TrainingConfig) -> None:
         "prediction_type": PREDICTION_TYPES,
         "mixed_precision": MIXED_PRECISION_MODES,
         "logger": LOGGERS,
-        "lr_scheduler": [kind.value for kind in SchedulerType],
+        "lr_scheduler": LR_SCHEDULERS,
         "beta_schedule": BETA_SCHEDULES,
         "variance_type": VARIANCE_TYPES,
         "channels": (1, 3),
@@ -229,6 +241,16 @@ def validate_config(config: TrainingConfig) -> None:
             raise TrainingConfigError(f"--{name} must not be negative, got {getattr(config, name)!r}")
     if not 0.0 < config.ema_decay < 1.0:
         raise TrainingConfigError(f"--ema_decay must be between 0 and 1, got {config.ema_decay!r}")
+    if not 0 <= config.seed <= MAX_SEED:
+        raise TrainingConfigError(f"--seed must be between 0 and {MAX_SEED}, got {config.seed!r}")
+    # A sampler cannot take more steps than the schedule has timesteps; diffusers would refuse only at sampling time.
+    sampling_steps = ["sample_inference_steps"] + (["eval_inference_steps"] if config.eval_every else [])
+    for name in sampling_steps:
+        if getattr(config, name) > config.num_train_timesteps:
+            raise TrainingConfigError(
+                f"--{name} must be at most the {config.num_train_timesteps} training timesteps, "
+                f"got {getattr(config, name)!r}"
+            )
     # Each level but the last halves the image, so the resolution must survive len(block_out_channels) - 1 halvings.
     levels = len(config.unet_config.get("block_out_channels", ()))
     divisor = 2 ** max(levels - 1, 0)
@@ -240,8 +262,44 @@ def validate_config(config: TrainingConfig) -> None:
 
 
 def run_record(config: TrainingConfig, num_processes: int) -> dict[str, Any]:
-    """What `training_config.json` holds: the resolved config, plus the process count the data order depends on."""
-    return {**asdict(config), "num_processes": num_processes}
+    """What `training_config.json` holds: the resolved config, the process count the data order depends on, and
+    the learning rates the optimizer used: `{"step": s, "learning_rate": lr}` means lr from step s + 1 on (a resumed
+    run takes the history from its checkpoint, see `resume`)."""
+    learning_rate_changes = [{"step": 0, "learning_rate": config.learning_rate}]
+    return {**asdict(config), "num_processes": num_processes, "learning_rate_changes": learning_rate_changes}
+
+
+def make_accelerator(config: TrainingConfig) -> Accelerator:
+    """The config, not the launcher's environment, decides precision and compilation.
+
+    A precision the device does not run is refused: given fp16 on a CPU, accelerate trains in fp32 without a word,
+    and the run record would claim fp16. (bf16 on a CPU does run, under torch.autocast.)
+    """
+    output_dir = Path(config.output_dir)
+    try:
+        accelerator = Accelerator(
+            mixed_precision=config.mixed_precision,
+            dynamo_backend="inductor" if config.compile else "no",
+            gradient_accumulation_plugin=GradientAccumulationPlugin(
+                num_steps=config.gradient_accumulation_steps, sync_with_dataloader=False
+            ),
+            # Stepped by hand once per optimizer step; accelerate would otherwise step it once per process.
+            step_scheduler_with_optimizer=False,
+            log_with="tensorboard" if config.logger == "tensorboard" else None,
+            project_config=ProjectConfiguration(
+                project_dir=str(output_dir), logging_dir=str(output_dir / "logs")
+            ),
+        )
+    except ValueError as error:  # accelerate's refusal of a precision the device lacks
+        if config.mixed_precision == "no":
+            raise
+        raise TrainingConfigError(f"--mixed_precision {config.mixed_precision}: {error}") from None
+    if config.mixed_precision != "no" and not accelerator.native_amp:
+        raise TrainingConfigError(
+            f"--mixed_precision {config.mixed_precision} does not run on {accelerator.device.type}: accelerate "
+            "would train in fp32; use --mixed_precision no (or bf16)"
+        )
+    return accelerator
 
 
 def train(config: TrainingConfig) -> TrainingResult:
@@ -249,20 +307,8 @@ def train(config: TrainingConfig) -> TrainingResult:
     output_dir = Path(config.output_dir)
     checkpoints_dir = output_dir / CHECKPOINTS_DIRNAME
 
-    # 1. Accelerator. The config, not the launcher's environment, decides precision and compilation.
-    accelerator = Accelerator(
-        mixed_precision=config.mixed_precision,
-        dynamo_backend="inductor" if config.compile else "no",
-        gradient_accumulation_plugin=GradientAccumulationPlugin(
-            num_steps=config.gradient_accumulation_steps, sync_with_dataloader=False
-        ),
-        # Stepped by hand once per optimizer step; accelerate would otherwise step it once per process.
-        step_scheduler_with_optimizer=False,
-        log_with="tensorboard" if config.logger == "tensorboard" else None,
-        project_config=ProjectConfiguration(
-            project_dir=str(output_dir), logging_dir=str(output_dir / "logs")
-        ),
-    )
+    # 1. Accelerator.
+    accelerator = make_accelerator(config)
     # Identical on every process, so every process builds the same initial weights and EMA.
     set_seed(config.seed)
 
@@ -280,17 +326,13 @@ def train(config: TrainingConfig) -> TrainingResult:
         raise TrainingConfigError(
             f"the UNet of --preset {config.preset} with these flags cannot be built: {error}"
         ) from None
-    resume_path = None
-    if config.resume_from_checkpoint is not None:
-        resume_path = resolve_resume_checkpoint(checkpoints_dir, config.resume_from_checkpoint)
     record = run_record(config, accelerator.num_processes)
-    check_output_dir(
-        output_dir, record, RUN_NEUTRAL_FIELDS, resuming=config.resume_from_checkpoint is not None
-    )
+    resuming = config.resume_from_checkpoint is not None
+    if resuming:
+        check_resume_checkpoint(checkpoints_dir, config.resume_from_checkpoint, record, RUN_NEUTRAL_FIELDS)
+    check_output_dir(output_dir, record, RUN_NEUTRAL_FIELDS, resuming)
     evaluator = make_evaluator(config, accelerator) if config.eval_every else None
     accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        write_run_record(output_dir, record)
 
     # 3. Model, EMA, optimizer, data.
     if config.gradient_checkpointing:
@@ -327,37 +369,36 @@ def train(config: TrainingConfig) -> TrainingResult:
     # From here on each process draws its own flips, noise and timesteps.
     set_seed(config.seed, device_specific=True)
 
-    # 4. Resume: weights, optimizer, LR schedule, EMA and every process's RNG states.
-    global_step = 0
-    if resume_path is not None:
-        global_step = load_checkpoint(accelerator, resume_path)
-        # accelerate loads registered objects onto the CPU.
-        ema.to(accelerator.device)
-        accelerator.print(f"resumed from {resume_path} at step {global_step}")
-    accelerator.print(
-        f"effective batch size {images_per_step * config.gradient_accumulation_steps} = {config.train_batch_size} "
-        f"per process x {accelerator.num_processes} processes x {config.gradient_accumulation_steps} accumulation "
-        f"steps; {len(dataset)} images; {sum(p.numel() for p in unet.parameters()):,} parameters ({config.unet} UNet)"
-    )
-
-    # 5. The loop.
-    metrics = (
-        MetricsLog(output_dir / METRICS_FILENAME, keep_until_step=global_step)
+    # 4. The folder becomes this run's (a second training into it is refused until this one ends), then resume.
+    folder_lock = (
+        claim_output_dir(output_dir, record, RUN_NEUTRAL_FIELDS, resuming)
         if accelerator.is_main_process
         else None
     )
-    if config.logger == "tensorboard":
-        accelerator.init_trackers(TRACKER_PROJECT, config=tracker_hyperparameters(config))
-    progress = tqdm(
-        total=config.max_train_steps,
-        initial=global_step,
-        desc="steps",
-        disable=not accelerator.is_main_process,
-    )
-    sampling_scheduler = DDPMScheduler.from_config(noise_scheduler.config)
-    log_window = LogWindow(images_per_step * config.gradient_accumulation_steps)
-    epoch, batches_to_skip = divmod(global_step * config.gradient_accumulation_steps, len(train_dataloader))
+    progress = metrics = None
     try:
+        global_step, record = resume(accelerator, config, checkpoints_dir, lr_scheduler, ema, record)
+        if accelerator.is_main_process:
+            write_run_record(output_dir, record)
+        accelerator.print(run_summary(config, accelerator.num_processes, len(dataset), unet))
+
+        # 5. The loop.
+        if accelerator.is_main_process:
+            metrics = MetricsLog(output_dir / METRICS_FILENAME, keep_until_step=global_step)
+        if config.logger == "tensorboard":
+            accelerator.init_trackers(TRACKER_PROJECT, config=tracker_hyperparameters(config))
+        progress = tqdm(
+            total=config.max_train_steps,
+            initial=global_step,
+            desc="steps",
+            disable=not accelerator.is_main_process,
+        )
+        sampling_scheduler = DDPMScheduler.from_config(noise_scheduler.config)
+        log_window = LogWindow(images_per_step * config.gradient_accumulation_steps)
+        keep_checkpoints = config.checkpoints_total_limit or None
+        epoch, batches_to_skip = divmod(
+            global_step * config.gradient_accumulation_steps, len(train_dataloader)
+        )
         clock = time.perf_counter()
         while global_step < config.max_train_steps:
             train_dataloader.set_epoch(epoch)
@@ -369,16 +410,11 @@ def train(config: TrainingConfig) -> TrainingResult:
             for batch in batches:
                 with accelerator.accumulate(unet):
                     losses = training_step(accelerator, unet, optimizer, noise_scheduler, batch, config)
-                    if not torch.isfinite(losses).all():
-                        raise NonFiniteLossError(
-                            f"the loss became {losses[~torch.isfinite(losses)][0].item()} at step {global_step + 1}; "
-                            "training stopped before that step's update "
-                            f"(last good checkpoint: {find_latest_checkpoint(checkpoints_dir) or 'none'})"
-                        )
+                    check_finite(losses, global_step + 1, checkpoints_dir)
                 log_window.add_batch(losses.mean().item())
                 if not accelerator.sync_gradients:
                     continue
-                learning_rate = lr_scheduler.get_last_lr()[0]
+                learning_rate = optimizer.param_groups[0]["lr"]  # what this step used
                 lr_scheduler.step()
                 ema.step(unet.parameters())
                 global_step += 1
@@ -390,10 +426,6 @@ def train(config: TrainingConfig) -> TrainingResult:
                 if global_step % config.log_every == 0 or is_last:
                     row = log_window.close(learning_rate)
                     progress.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{learning_rate:.2e}")
-                if global_step % config.checkpointing_steps == 0 or is_last:
-                    save_checkpoint(
-                        accelerator, checkpoints_dir, global_step, config.checkpoints_total_limit or None
-                    )
                 if (config.sample_every and global_step % config.sample_every == 0) or is_last:
                     with ema_weights(ema, unet, accelerator.device):
                         if accelerator.is_main_process:
@@ -410,6 +442,9 @@ def train(config: TrainingConfig) -> TrainingResult:
                     accelerator.log(row, step=global_step)
                     if metrics is not None:
                         metrics.write(global_step, row)
+                # After the step's metrics: a checkpoint never lacks a row that the resumed run would not log again.
+                if global_step % config.checkpointing_steps == 0 or is_last:
+                    save_checkpoint(accelerator, checkpoints_dir, global_step, keep_checkpoints, record)
                 if is_last:
                     break
                 clock = time.perf_counter()
@@ -422,11 +457,86 @@ def train(config: TrainingConfig) -> TrainingResult:
                 publish_pipeline(pipeline.save_pretrained, output_dir)
         accelerator.wait_for_everyone()
     finally:
-        progress.close()
+        if progress is not None:
+            progress.close()
         if metrics is not None:
             metrics.close()
         accelerator.end_training()
+        if folder_lock is not None:
+            folder_lock.release()
     return TrainingResult(global_step=global_step, unet=accelerator.unwrap_model(unet), ema=ema)
+
+
+def run_summary(config: TrainingConfig, num_processes: int, num_images: int, unet: torch.nn.Module) -> str:
+    images_per_step = config.train_batch_size * num_processes * config.gradient_accumulation_steps
+    return (
+        f"effective batch size {images_per_step} = {config.train_batch_size} per process x {num_processes} "
+        f"processes x {config.gradient_accumulation_steps} accumulation steps; {num_images} images; "
+        f"{sum(p.numel() for p in unet.parameters()):,} parameters ({config.unet} UNet)"
+    )
+
+
+def resume(
+    accelerator: Accelerator,
+    config: TrainingConfig,
+    checkpoints_dir: Path,
+    lr_scheduler: AcceleratedScheduler,
+    ema: EMAModel,
+    record: dict[str, Any],
+) -> tuple[int, dict[str, Any]]:
+    """Loads what --resume_from_checkpoint names (weights, optimizer, LR schedule, EMA, every process's RNG states)
+    and continues at --learning_rate; returns the step to continue from and the run record, with the learning-rate
+    history as of that step."""
+    if config.resume_from_checkpoint is None:
+        return 0, record
+    spec = config.resume_from_checkpoint
+    path = load_resume_checkpoint(
+        accelerator, checkpoints_dir, spec, lambda message: warn(accelerator, message)
+    )
+    if path is None:
+        return 0, record
+    global_step = checkpoint_step(path)
+    # accelerate loads registered objects onto the CPU.
+    ema.to(accelerator.device)
+    accelerator.print(f"resumed from {path} at step {global_step}")
+    changes = continue_learning_rate(lr_scheduler, config.learning_rate, global_step, read_run_record(path))
+    if len(changes) > 1 and changes[-1]["step"] == global_step:
+        accelerator.print(
+            f"learning rate {changes[-2]['learning_rate']:g} -> {config.learning_rate:g} from step {global_step + 1}"
+        )
+    return global_step, {**record, "learning_rate_changes": changes}
+
+
+def continue_learning_rate(
+    lr_scheduler: AcceleratedScheduler,
+    learning_rate: float,
+    step: int,
+    checkpoint_record: dict[str, Any] | None,
+) -> list[dict[str, Any]]:
+    """Sets the loaded schedule's base rate to `learning_rate` and returns the run's learning-rate changes.
+
+    A loaded checkpoint brings back the learning rate it was trained with; a lower one on resume is the way out of
+    a NaN loss, so the schedule continues from its position with the new base rate (every diffusers schedule is a
+    torch LambdaLR: lr = base rate x factor(step)). The changes so far come from the checkpoint's run record (a
+    checkpoint without one ran at its restored rate from the start).
+    """
+    schedule = lr_scheduler.scheduler  # the torch scheduler inside accelerate's wrapper
+    restored = schedule.base_lrs[0]
+    initial = [{"step": 0, "learning_rate": restored}]
+    changes = (checkpoint_record or {}).get("learning_rate_changes") or initial
+    if learning_rate == restored:
+        return changes
+    schedule.base_lrs = [learning_rate] * len(schedule.base_lrs)
+    for group, factor in zip(schedule.optimizer.param_groups, schedule.lr_lambdas, strict=True):
+        group["initial_lr"] = learning_rate
+        group["lr"] = learning_rate * factor(schedule.last_epoch)
+    return [*changes, {"step": step, "learning_rate": learning_rate}]
+
+
+def warn(accelerator: Accelerator, message: str) -> None:
+    """One line on stderr, from the main process only."""
+    if accelerator.is_main_process:
+        print(f"warning: {message}", file=sys.stderr)
 
 
 class EpochShuffleSampler(Sampler[int]):
@@ -491,6 +601,17 @@ def training_step(
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return losses
+
+
+def check_finite(losses: torch.Tensor, step: int, checkpoints_dir: Path) -> None:
+    """Raises NonFiniteLossError, naming the step and the last good checkpoint, when any process's loss is not
+    finite."""
+    if not torch.isfinite(losses).all():
+        raise NonFiniteLossError(
+            f"the loss became {losses[~torch.isfinite(losses)][0].item()} at step {step}; "
+            "training stopped before that step's update "
+            f"(last good checkpoint: {find_latest_checkpoint(checkpoints_dir) or 'none'})"
+        )
 
 
 def random_horizontal_flip(images: torch.Tensor) -> torch.Tensor:

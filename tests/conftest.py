@@ -1,5 +1,7 @@
 """Fixtures shared by several test files."""
 
+from pathlib import Path
+
 import pytest
 import torch
 from accelerate.state import AcceleratorState, GradientState
@@ -15,6 +17,23 @@ TINY_GREY_UNET = dict(
     down_block_types=("DownBlock2D", "DownBlock2D"),
     up_block_types=("UpBlock2D", "UpBlock2D"),
 )
+
+
+# 24 images / batch 4 = 6 batches per epoch in the training tests.
+TINY_DATASET_SIZE = 24
+
+
+def save_tiny_dataset(folder: Path) -> str:
+    from dia_diffusion.data import load_image_dataset
+
+    load_image_dataset("digits").select(range(TINY_DATASET_SIZE)).save_to_disk(str(folder))
+    return str(folder)
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory) -> str:
+    """The first 24 scikit-learn digits as a `save_to_disk` folder: a dataset that trains in a fraction of a second."""
+    return save_tiny_dataset(tmp_path_factory.mktemp("data") / "digits24")
 
 
 @pytest.fixture

@@ -1,8 +1,11 @@
-"""The training loop on a tiny UNet: smoke, bitwise-exact resume, interrupted saves, the non-finite guard, and two
-CPU processes in step. Run as a script, this file is the worker of the two-process test."""
+"""The training loop on a tiny UNet: smoke, bitwise-exact resume, interrupted saves, the non-finite guard and the
+recovery from it, corrupt checkpoints, stop signals, mixed precision on a CPU, and two CPU processes in step. Run as a
+script, this file is the worker of the two-process test."""
 
 import json
 import os
+import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -15,10 +18,21 @@ from diffusers import DDPMPipeline
 from safetensors.torch import load_file
 
 from dia_diffusion import DIAUNet2DModel, training
-from dia_diffusion.checkpointing import checkpoint_step, find_latest_checkpoint
-from dia_diffusion.data import load_image_dataset
+from dia_diffusion.checkpointing import (
+    CheckpointLoadError,
+    RunIdentityError,
+    checkpoint_step,
+    find_latest_checkpoint,
+)
 from dia_diffusion.evaluation import PipelineEvaluator
-from dia_diffusion.training import NonFiniteLossError, TrainingConfig, resolve_config, train
+from dia_diffusion.interruption import RunInterrupted, stop_on_signals
+from dia_diffusion.training import (
+    NonFiniteLossError,
+    TrainingConfig,
+    TrainingConfigError,
+    resolve_config,
+    train,
+)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TINY_UNET = {
@@ -30,18 +44,30 @@ TINY_UNET = {
     "norm_num_groups": 4,
     "dropout": 0.1,
 }
-DATASET_SIZE = 24
-
 pytestmark = pytest.mark.usefixtures("isolated_run")
 
 
-class SimulatedKill(Exception):
-    """Stands for the process dying in the middle of training."""
+class SimulatedKill(BaseException):
+    """Stands for the process dying in the middle of training: no handler catches it."""
 
 
-def save_tiny_dataset(folder: Path) -> str:
-    load_image_dataset("digits").select(range(DATASET_SIZE)).save_to_disk(str(folder))
-    return str(folder)
+def reset_accelerate_state() -> None:
+    """accelerate's state is a per-process singleton: a second run in this process needs it cleared."""
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+def loss_with_nan_at_call(call: int):
+    """training.diffusion_loss, except that its `call`-th call returns NaN."""
+    real_loss = training.diffusion_loss
+    calls = {"count": 0}
+
+    def loss(*args):
+        calls["count"] += 1
+        value = real_loss(*args)
+        return value * float("nan") if calls["count"] == call else value
+
+    return loss
 
 
 def tiny_config(dataset: str, output_dir: Path, **overrides) -> TrainingConfig:
@@ -62,11 +88,6 @@ def tiny_config(dataset: str, output_dir: Path, **overrides) -> TrainingConfig:
         **overrides,
     }
     return resolve_config("demo", settings)
-
-
-@pytest.fixture(scope="module")
-def tiny_dataset(tmp_path_factory) -> str:
-    return save_tiny_dataset(tmp_path_factory.mktemp("data") / "digits24")
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
@@ -140,8 +161,7 @@ def test_resume_after_interruption_is_bitwise_exact(tiny_dataset, tmp_path, monk
         "random_flip": True,
     }
     uninterrupted = train(tiny_config(tiny_dataset, tmp_path / "whole", **settings))
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
+    reset_accelerate_state()
 
     real_loss = training.diffusion_loss
     calls = {"count": 0}
@@ -156,8 +176,7 @@ def test_resume_after_interruption_is_bitwise_exact(tiny_dataset, tmp_path, monk
     with pytest.raises(SimulatedKill):
         train(tiny_config(tiny_dataset, tmp_path / "split", **settings))
     monkeypatch.setattr(training, "diffusion_loss", real_loss)
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
+    reset_accelerate_state()
 
     skipped = []
     real_skip = Accelerator.skip_first_batches
@@ -202,23 +221,14 @@ def test_save_killed_midway_then_resume(tiny_dataset, tmp_path, monkeypatch):
     assert find_latest_checkpoint(checkpoints) == checkpoints / "checkpoint-2"
 
     monkeypatch.setattr(Accelerator, "save_state", real_save_state)
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
+    reset_accelerate_state()
     result = train(tiny_config(tiny_dataset, tmp_path / "run", resume_from_checkpoint="latest"))
     assert result.global_step == 4
     assert sorted(path.name for path in checkpoints.iterdir()) == ["checkpoint-2", "checkpoint-4"]
 
 
 def test_non_finite_loss_stops_with_the_step_and_keeps_the_checkpoint(tiny_dataset, tmp_path, monkeypatch):
-    real_loss = training.diffusion_loss
-    calls = {"count": 0}
-
-    def nan_at_step_3(*args):
-        calls["count"] += 1
-        loss = real_loss(*args)
-        return loss * float("nan") if calls["count"] == 3 else loss
-
-    monkeypatch.setattr(training, "diffusion_loss", nan_at_step_3)
+    monkeypatch.setattr(training, "diffusion_loss", loss_with_nan_at_call(3))
     run_dir = tmp_path / "run"
     with pytest.raises(NonFiniteLossError, match=r"nan at step 3; .*checkpoint-2\)") as raised:
         train(tiny_config(tiny_dataset, run_dir))
@@ -229,6 +239,159 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_the_checkpoint(tiny_datas
     assert all(torch.isfinite(value).all() for value in weights.values())
     assert not (run_dir / "model_index.json").exists()
     assert [row["step"] for row in read_metrics(run_dir)] == [1, 2]
+
+
+def test_nan_recovery_resumes_in_the_same_folder_at_the_lower_learning_rate(
+    tiny_dataset, tmp_path, monkeypatch
+):
+    """The documented way out of a NaN: the same command with --resume_from_checkpoint latest --learning_rate
+    <lower>. The optimizer must run at the new rate, from the schedule's position, and the record must say so."""
+    real_loss = training.diffusion_loss
+    monkeypatch.setattr(training, "diffusion_loss", loss_with_nan_at_call(3))
+    run_dir = tmp_path / "run"
+    warmup = {"lr_warmup_steps": 4}  # the rate at steps 1-4 is 0, 1/4, 2/4, 3/4 of the base rate
+    with pytest.raises(NonFiniteLossError, match="checkpoint-2"):
+        train(tiny_config(tiny_dataset, run_dir, **warmup))
+    monkeypatch.setattr(training, "diffusion_loss", real_loss)
+    reset_accelerate_state()
+
+    used = []  # the optimizer's rate at each optimizer step
+    real_step = training.training_step
+
+    def recording_step(accelerator, unet, optimizer, *args):
+        used.append(optimizer.param_groups[0]["lr"])
+        return real_step(accelerator, unet, optimizer, *args)
+
+    monkeypatch.setattr(training, "training_step", recording_step)
+    train(tiny_config(tiny_dataset, run_dir, resume_from_checkpoint="latest", learning_rate=1e-4, **warmup))
+
+    assert used == pytest.approx([2 / 4 * 1e-4, 3 / 4 * 1e-4])
+    assert [row["lr"] for row in read_metrics(run_dir)] == pytest.approx(
+        [0, 1 / 4 * 1e-3, 2 / 4 * 1e-4, 3 / 4 * 1e-4]
+    )
+    changes = [{"step": 0, "learning_rate": 1e-3}, {"step": 2, "learning_rate": 1e-4}]
+    record = json.loads((run_dir / "training_config.json").read_text())
+    assert record["learning_rate"] == 1e-4 and record["learning_rate_changes"] == changes
+    checkpoint_record = run_dir / "checkpoints" / "checkpoint-4" / "training_config.json"
+    assert json.loads(checkpoint_record.read_text())["learning_rate_changes"] == changes
+
+    # Resuming from before the change at the first rate: the record follows the weights, not the last command.
+    reset_accelerate_state()
+    used.clear()
+    checkpoint_2 = str(run_dir / "checkpoints" / "checkpoint-2")
+    train(tiny_config(tiny_dataset, run_dir, resume_from_checkpoint=checkpoint_2, **warmup))
+    assert used == pytest.approx([2 / 4 * 1e-3, 3 / 4 * 1e-3])
+    record = json.loads((run_dir / "training_config.json").read_text())
+    assert record["learning_rate_changes"] == [{"step": 0, "learning_rate": 1e-3}]
+
+
+def test_a_corrupt_latest_checkpoint_is_named_and_the_one_before_is_used(tiny_dataset, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    whole = train(tiny_config(tiny_dataset, run_dir))
+    reset_accelerate_state()
+    checkpoints = run_dir / "checkpoints"
+    weights = checkpoints / "checkpoint-4" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    capsys.readouterr()
+
+    resumed = train(tiny_config(tiny_dataset, run_dir, resume_from_checkpoint="latest"))
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1
+    assert warnings[0].startswith(f"warning: checkpoint '{checkpoints / 'checkpoint-4'}' cannot be loaded: ")
+    assert warnings[0].endswith(f"; falling back to '{checkpoints / 'checkpoint-2'}'")
+    # Steps 3 and 4 ran again from checkpoint-2, exactly, and replaced the corrupt checkpoint.
+    for expected, actual in zip(whole.unet.parameters(), resumed.unet.parameters(), strict=True):
+        assert torch.equal(expected, actual)
+    assert load_file(weights).keys() == load_file(checkpoints / "checkpoint-2" / "model.safetensors").keys()
+
+
+def test_checkpoints_that_cannot_be_resumed_are_refused_in_one_line(tiny_dataset, tmp_path):
+    run_dir = tmp_path / "run"
+    train(tiny_config(tiny_dataset, run_dir, max_train_steps=2, checkpointing_steps=1))
+    checkpoints = run_dir / "checkpoints"
+
+    def refusal(error_type, output_dir: Path, **overrides) -> str:
+        reset_accelerate_state()
+        with pytest.raises(error_type) as raised:
+            train(tiny_config(tiny_dataset, output_dir, **overrides))
+        assert "\n" not in str(raised.value)
+        return str(raised.value)
+
+    # Another architecture: refused by the run record the checkpoint carries, or, without one, by the load.
+    narrower = {"unet_config": {**TINY_UNET, "block_out_channels": (4, 8)}}
+    other = tmp_path / "other"
+    refused = refusal(
+        RunIdentityError, other, resume_from_checkpoint=str(checkpoints / "checkpoint-1"), **narrower
+    )
+    assert "belongs to a different run (unet_config: " in refused
+    copied = shutil.copytree(checkpoints / "checkpoint-1", tmp_path / "copied" / "checkpoint-1")
+    (copied / "training_config.json").unlink()
+    refused = refusal(CheckpointLoadError, other, resume_from_checkpoint=str(copied), **narrower)
+    assert refused.startswith(f"checkpoint '{copied}' cannot be loaded: ") and "size mismatch" in refused
+    assert not (other / "training_config.json").exists()
+
+    # Corrupt checkpoints: a named one is refused; `latest` tries each, newest first, then refuses.
+    metrics_before = (run_dir / "metrics.jsonl").read_text()
+    for step in (1, 2):
+        (checkpoints / f"checkpoint-{step}" / "random_states_0.pkl").write_bytes(b"")
+    refused = refusal(CheckpointLoadError, run_dir, resume_from_checkpoint=str(checkpoints / "checkpoint-2"))
+    assert refused.startswith(f"checkpoint '{checkpoints / 'checkpoint-2'}' cannot be loaded: ")
+    refused = refusal(CheckpointLoadError, run_dir, resume_from_checkpoint="latest")
+    assert refused.startswith(f"checkpoint '{checkpoints / 'checkpoint-1'}' cannot be loaded: ")
+    assert refused.endswith(f"no checkpoint in '{checkpoints}' can be loaded")
+    assert (run_dir / "metrics.jsonl").read_text() == metrics_before
+
+
+def test_resume_latest_without_a_checkpoint_says_it_starts_at_step_0(tiny_dataset, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    result = train(tiny_config(tiny_dataset, run_dir, resume_from_checkpoint="latest", max_train_steps=1))
+    assert result.global_step == 1
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    assert warnings == [
+        f"warning: --resume_from_checkpoint latest: '{run_dir / 'checkpoints'}' holds no checkpoint yet; "
+        "starting at step 0"
+    ]
+
+
+def test_a_stop_signal_during_a_save_lets_the_checkpoint_finish(tiny_dataset, tmp_path, monkeypatch):
+    real_save_state = Accelerator.save_state
+
+    def terminated_while_saving_step_4(self, output_dir):
+        if output_dir.endswith("checkpoint-4"):
+            signal.raise_signal(signal.SIGTERM)
+        return real_save_state(self, output_dir)
+
+    monkeypatch.setattr(Accelerator, "save_state", terminated_while_saving_step_4)
+    run_dir = tmp_path / "run"
+    with stop_on_signals(), pytest.raises(RunInterrupted) as stopped:
+        train(tiny_config(tiny_dataset, run_dir, max_train_steps=8))
+
+    assert stopped.value.exit_status == 128 + signal.SIGTERM
+    checkpoints = run_dir / "checkpoints"
+    # Nothing half-written, nothing after the stop; the metrics reach the checkpoint's step.
+    assert sorted(path.name for path in checkpoints.iterdir()) == ["checkpoint-2", "checkpoint-4"]
+    assert checkpoint_step(checkpoints / "checkpoint-4") == 4
+    assert load_file(checkpoints / "checkpoint-4" / "model.safetensors")
+    assert [row["step"] for row in read_metrics(run_dir)] == [1, 2, 3, 4]
+
+
+def test_mixed_precision_on_a_cpu_is_what_runs_and_what_is_recorded(tiny_dataset, tmp_path, monkeypatch):
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "true")
+    # fp16: on a CPU accelerate would train in fp32 without a word; refused before anything is written.
+    with pytest.raises(TrainingConfigError, match="--mixed_precision fp16 does not run on cpu"):
+        train(tiny_config(tiny_dataset, tmp_path / "fp16", mixed_precision="fp16"))
+    assert not (tmp_path / "fp16").exists()
+
+    # bf16 runs under torch.autocast: from the same weights, batch and noise its first loss differs from fp32's.
+    first_loss = {}
+    for precision in ("no", "bf16"):
+        reset_accelerate_state()
+        train(tiny_config(tiny_dataset, tmp_path / precision, mixed_precision=precision, max_train_steps=1))
+        first_loss[precision] = read_metrics(tmp_path / precision)[0]["loss"]
+        record = json.loads((tmp_path / precision / "training_config.json").read_text())
+        assert record["mixed_precision"] == precision
+    assert first_loss["bf16"] != first_loss["no"]
+    assert first_loss["bf16"] == pytest.approx(first_loss["no"], rel=0.05)
 
 
 def run_as_rank(dataset: str, run_dir: Path, states_dir: Path) -> None:

@@ -1,24 +1,46 @@
 """Train a DDPM with a DIA (or stock) UNet and leave a diffusers DDPMPipeline folder.
 
-    accelerate launch train/train_ddpm.py --preset demo --output_dir runs/demo
+    python train/train_ddpm.py --preset demo --output_dir runs/demo
 
-A preset (see --list_presets) sets every value; each flag given overrides one. The resolved config is written to
-OUTPUT_DIR/training_config.json. Re-running the same command with --resume_from_checkpoint latest continues a run.
-See docs/training.md.
+(several processes: `accelerate launch` or `torchrun`). A preset (see --list_presets) sets every value; each flag
+given overrides one. The resolved config is written to OUTPUT_DIR/training_config.json. Re-running the same command
+with --resume_from_checkpoint latest continues a run. Errors end in one line and exit status 2 (bad input) or 1; a
+stop signal in one line and 128 + the signal. See docs/training.md.
 """
 
 import argparse
 import os
 import sys
+from pathlib import Path
 
-from dia_diffusion.checkpointing import CheckpointNotFoundError, RunIdentityError
+# ruff: noqa: E402 -- the parent is read before the imports below, which take seconds: a launcher that dies during
+# them is still noticed (see follow_launcher).
+LAUNCHER_PID = os.getppid()
+
+from dia_diffusion.checkpointing import (
+    CHECKPOINTS_DIRNAME,
+    CheckpointLoadError,
+    CheckpointNotFoundError,
+    OutputWriteError,
+    RunIdentityError,
+    find_latest_checkpoint,
+)
 from dia_diffusion.data import DatasetSpecError
+from dia_diffusion.folder_lock import FolderInUseError
+from dia_diffusion.interruption import RunInterrupted, follow_launcher, stop_on_signals
 from dia_diffusion.presets import PRESETS, UNET_VARIANTS
 from dia_diffusion.training import NonFiniteLossError, TrainingConfigError, resolve_config, train
 
 EXIT_BAD_INPUT = 2
 EXIT_TRAINING_FAILED = 1
-BAD_INPUT_ERRORS = (DatasetSpecError, TrainingConfigError, RunIdentityError, CheckpointNotFoundError)
+BAD_INPUT_ERRORS = (
+    DatasetSpecError,
+    TrainingConfigError,
+    RunIdentityError,
+    CheckpointNotFoundError,
+    CheckpointLoadError,
+    FolderInUseError,
+)
 
 
 class OneLineArgumentParser(argparse.ArgumentParser):
@@ -94,13 +116,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def report(error: Exception) -> None:
+def report(error: BaseException, kind: str = "error") -> None:
     # Under a multi-process launch every rank hits the same error; one line is enough.
     if os.environ.get("RANK", "0") == "0":
-        print(f"train_ddpm.py: error: {error}", file=sys.stderr)
+        print(f"train_ddpm.py: {kind}: {error}", file=sys.stderr)
 
 
-def main(argv: list[str] | None = None) -> int:
+def interruption_message(stop: RunInterrupted, output_dir: str) -> str:
+    latest = find_latest_checkpoint(Path(output_dir) / CHECKPOINTS_DIRNAME)
+    if latest is None:
+        return f"stopped by {stop.signal_name}; no checkpoint in '{output_dir}' yet"
+    return (
+        f"stopped by {stop.signal_name}; '{latest}' is the last checkpoint (--resume_from_checkpoint latest)"
+    )
+
+
+def main(argv: list[str] | None = None, launcher_pid: int | None = None) -> int:
+    """`launcher_pid`: the parent at start-up; when a launcher (accelerate, torchrun) started the script, its death
+    stops the training."""
     args = build_parser().parse_args(argv)
     if args.list_presets:
         for name, preset in PRESETS.items():
@@ -108,19 +141,25 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     overrides = {key: value for key, value in vars(args).items() if key not in ("preset", "list_presets")}
     overrides["output_dir"] = args.output_dir or os.path.join("runs", args.preset)
-    try:
-        config = resolve_config(args.preset, overrides)
-        result = train(config)
-    except BAD_INPUT_ERRORS as error:
-        report(error)
-        return EXIT_BAD_INPUT
-    except NonFiniteLossError as error:
-        report(error)
-        return EXIT_TRAINING_FAILED
+    with stop_on_signals():
+        try:
+            if launcher_pid is not None:
+                follow_launcher(launcher_pid)
+            config = resolve_config(args.preset, overrides)
+            result = train(config)
+        except BAD_INPUT_ERRORS as error:
+            report(error)
+            return EXIT_BAD_INPUT
+        except (NonFiniteLossError, OutputWriteError, OSError) as error:
+            report(error)
+            return EXIT_TRAINING_FAILED
+        except RunInterrupted as stop:
+            report(interruption_message(stop, overrides["output_dir"]), kind="interrupted")
+            return stop.exit_status
     if os.environ.get("RANK", "0") == "0":
         print(f"trained {result.global_step} steps; pipeline saved in {config.output_dir}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(launcher_pid=LAUNCHER_PID))
