@@ -13,12 +13,19 @@ import sys
 
 from dia_diffusion.checkpointing import CheckpointNotFoundError, RunIdentityError
 from dia_diffusion.data import DatasetSpecError
+from dia_diffusion.initial_weights import InitialUNetError
 from dia_diffusion.presets import PRESETS, UNET_VARIANTS
 from dia_diffusion.training import NonFiniteLossError, TrainingConfigError, resolve_config, train
 
 EXIT_BAD_INPUT = 2
 EXIT_TRAINING_FAILED = 1
-BAD_INPUT_ERRORS = (DatasetSpecError, TrainingConfigError, RunIdentityError, CheckpointNotFoundError)
+BAD_INPUT_ERRORS = (
+    DatasetSpecError,
+    TrainingConfigError,
+    RunIdentityError,
+    CheckpointNotFoundError,
+    InitialUNetError,
+)
 
 
 class OneLineArgumentParser(argparse.ArgumentParser):
@@ -53,6 +60,11 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--dia_reduction", type=int)
     model.add_argument("--dia_hidden_channels", type=int)
     model.add_argument("--dia_gate", help="sigmoid or identity")
+    model.add_argument(
+        "--init_unet",
+        help="start from a saved UNet: a pipeline folder, its unet/ folder or a hub name; its layout replaces "
+        "the preset's (see docs/training.md)",
+    )
     model.add_argument("--gradient_checkpointing", action=flag_bool, default=None)
     model.add_argument("--compile", action=flag_bool, default=None, help="torch.compile the UNet (inductor)")
     model.add_argument("--prediction_type", help="epsilon, sample or v_prediction")
