@@ -44,6 +44,7 @@ from dia_diffusion.data import add_training_transform, load_image_dataset
 from dia_diffusion.evaluation import PipelineEvaluator
 from dia_diffusion.feature_extractors import MissingWeightsError
 from dia_diffusion.initial_weights import load_initial_unet, with_initial_unet
+from dia_diffusion.objective import prediction_target
 from dia_diffusion.presets import PRESETS, UNET_VARIANTS, build_unet, unet_arguments
 
 TRACKER_PROJECT = "train_ddpm"
@@ -517,13 +518,7 @@ def diffusion_loss(
     )
     noisy_images = noise_scheduler.add_noise(clean_images, noise, timesteps)
     prediction = unet(noisy_images, timesteps).sample
-    prediction_type = noise_scheduler.config.prediction_type
-    if prediction_type == "epsilon":
-        target = noise
-    elif prediction_type == "sample":
-        target = clean_images
-    else:
-        target = noise_scheduler.get_velocity(clean_images, noise, timesteps)
+    target = prediction_target(noise_scheduler, clean_images, noise, timesteps)
     return F.mse_loss(prediction.float(), target.float())
 
 
