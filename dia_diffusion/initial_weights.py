@@ -17,7 +17,6 @@ its weights, so a run whose source has changed since it started is refused on re
 """
 
 import dataclasses
-import functools
 import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -45,7 +44,6 @@ class InitialUNetError(ValueError):
     """`--init_unet` names nothing loadable, or a setting contradicts it; one line for the user."""
 
 
-@functools.cache
 def locate_unet_folder(source: str) -> Path:
     """The folder holding the UNet's `config.json` and weights: the source itself, its `unet/`, or a hub download."""
     path = Path(source).expanduser()
