@@ -11,6 +11,7 @@ in one residual stream, mean profiles of those pairs) and the attention's variat
 """
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -46,7 +47,7 @@ def analyse_variant(variant: str, budget_name: str, out: Path, num_images: int, 
         run_command(train_command(variant, 0, budget, run_dir), log, threads)
     analyse = [
         sys.executable, "-m", "dia_diffusion.cli", "analyze-correlation", "--model", str(run_dir / "model"),
-        "--dataset", budget["dataset"], "--split", "test", "--num_images", str(num_images),
+        "--dataset", budget.dataset, "--split", "test", "--num_images", str(num_images),
         "--out_dir", str(run_dir),
     ]  # fmt: skip
     run_command(analyse, log, threads)
@@ -83,7 +84,7 @@ def main() -> None:
     ]
     summary = {
         "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
-        "budget": {"name": args.budget, **BUDGETS[args.budget]},
+        "budget": {"name": args.budget, **dataclasses.asdict(BUDGETS[args.budget])},
         "seed": 0,
         "num_images": args.num_images,
         "timesteps": reports[0]["timesteps"],

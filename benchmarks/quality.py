@@ -1,18 +1,42 @@
-"""Quality at equal budget: stock vs SE in every resnet vs one shared SE vs DIA (each sharing mode), several seeds.
+"""Quality at equal budget: does DIA help, trained from scratch and as a retrofit of a trained stock UNet?
 
-    python benchmarks/quality.py --budget cpu --jobs 2     # Fashion-MNIST 16x16, about 2 hours on 2 CPU cores
-    python benchmarks/quality.py --budget gpu              # the same comparison at a larger budget, on a GPU
-    python benchmarks/quality.py --budget digits           # reduced stand-in: 8x8 digits, ~20 min on 2 CPU cores
-    python benchmarks/quality.py --budget smoke --out /tmp/q   # seconds; checks the plumbing only
+    python benchmarks/quality.py --budget digits8 --pilot            # stock, seed 0, long, FD vs step (see below)
+    python benchmarks/quality.py --budget digits8 --jobs 2           # 6 variants x 5 seeds, 8x8 digits
+    python benchmarks/quality.py --budget fmnist16 --jobs 2          # 6 variants x 5 seeds, Fashion-MNIST 16x16
+    python benchmarks/quality.py --budget retrofit-fmnist16 --jobs 2 # continue each seed's stock model, paired
+    python benchmarks/quality.py --budget gpu                        # the same questions at 32x32, on a GPU
+    python benchmarks/quality.py --budget gpu-cifar10 --dataset cifar-10-python.tar.gz
+    python benchmarks/quality.py --budget cpu --jobs 2               # the earlier comparison: 7 variants x 3 seeds
+    python benchmarks/quality.py --budget smoke --out /tmp/q         # seconds; checks the plumbing only
 
-Every run is the public training command (`train/train_ddpm.py`, the budget's preset with identical settings
-for all variants) followed by `dia-diffusion fid --feature classifier` on DDIM samples from its EMA weights. Each
-finished run leaves `result.json` in its folder, so an interrupted comparison continues where it stopped. The table
-(mean ± std over seeds) and the figures are written to the output folder. The metric is the Fréchet distance in the
-features of a classifier trained on the same dataset: "FD (classifier features)", not FID.
+Every run is the public training command (`train/train_ddpm.py`, the budget's preset with identical settings for
+all variants) followed by `dia-diffusion fid --feature classifier` on DDIM samples from its EMA weights and, for
+the budgets that set `heldout_images`, `dia-diffusion heldout-loss` on the test split (same test images, timesteps
+and noise for every run). The metric is the Fréchet distance in the features of a classifier trained on the same
+dataset: "FD (classifier features)", not FID.
+
+Paired design: every variant trains from the same seeds, so the same seed gives the same initial backbone weights,
+data order and noise in every variant. For every variant the table gives the FD mean ± std over seeds and the
+ratio to stock at the same seed with a 95 % percentile-bootstrap confidence interval over seeds; likewise for the
+held-out loss, overall and per timestep band. With 5 seeds the percentile bootstrap is somewhat narrow; an
+interval that excludes 1 is the threshold for "differs", not a guarantee.
+
+Interruptions: each run's folder ends with `result.json`, so a finished run is never trained again; the new budgets
+checkpoint every few hundred steps and the training command always carries `--resume_from_checkpoint latest`, so an
+interrupted run continues from its last checkpoint, not from step 0. A comparison can span several sittings.
+
+Budgets. `digits8` and `fmnist16` are sized for about 2-3 hours each on a 2-core CPU with `--jobs 2` (their
+`retrofit-` budgets for about an hour); their default variants were chosen before any of their runs. Their step
+counts are to be taken from the pilot: `--pilot` trains stock at seed 0 for `pilot_steps` with an FD evaluation
+every `pilot_eval_every` steps and draws FD vs step (`<out>/pilot/fd_vs_step.png`). With the constant learning
+rate of these recipes, the pilot run up to step N is the budget's N-step stock run at seed 0, so `steps` is set
+where stock's FD has flattened, within the time the budget may take. A retrofit budget continues, for each seed, the
+stock model of its base budget (trained there first if missing) for `steps` more steps: as stock, and, paired, as
+DIA retrofitted with the identity gate (`--init_unet`), with the same data order and noise.
 """
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -21,12 +45,16 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+import scipy.stats
 from diffusers import DDPMPipeline
 
 # Importing the package also registers DIAUNet2DModel for the pipeline loader.
 from dia_diffusion.parameter_count import count_parameters
+from dia_diffusion.presets import PRESETS
 
 REPOSITORY = Path(__file__).resolve().parent.parent
 VARIANTS = {
@@ -38,42 +66,156 @@ VARIANTS = {
     "dia-per-block": ["--unet", "dia", "--dia_sharing", "per_block"],
     # The gate question: the same model with an identity-at-init gate instead of the paper's sigmoid.
     "dia-identity-gate": ["--unet", "dia", "--dia_sharing", "global", "--dia_gate", "identity"],
-    # Attention that can follow the noise level, and a global cell that keeps every level's width.
+    # Attention that can follow the noise level, and a global cell that runs at the widest width.
     "dia-timestep": ["--unet", "dia", "--dia_sharing", "global", "--dia_condition", "timestep"],
     "dia-widest": ["--unet", "dia", "--dia_sharing", "global", "--dia_global_cell", "widest"],
     "dia-widest-timestep": [
-        "--unet", "dia", "--dia_sharing", "global", "--dia_global_cell", "widest", "--dia_condition", "timestep",
-    ],
+        "--unet",
+        "dia",
+        "--dia_sharing",
+        "global",
+        "--dia_global_cell",
+        "widest",
+        "--dia_condition",
+        "timestep",
+    ],  # fmt: skip
     "dia-per-block-timestep": ["--unet", "dia", "--dia_sharing", "per_block", "--dia_condition", "timestep"],
-}  # fmt: skip
-# The variants compared when --variants is not given: the ones the committed results were measured with.
-DEFAULT_VARIANTS = [
-    "stock", "se-per-layer", "se-shared", "dia-global", "dia-per-width", "dia-per-block", "dia-identity-gate",
-]  # fmt: skip
-# Budgets: preset, dataset and resolution, training steps and batch, evaluation samples and DDIM steps, the
-# FD-vs-step evaluation during training, and any other training flags (the same for every variant).
+}
+EARLIER_VARIANTS = tuple(list(VARIANTS)[:7])
+# Chosen before the runs: the baseline, SE in every resnet, today's default DIA, and the adaptive DIA variants.
+DECIDING_VARIANTS = (
+    "stock",
+    "se-per-layer",
+    "dia-global",
+    "dia-timestep",
+    "dia-widest-timestep",
+    "dia-per-block-timestep",
+)
+# Under --init_unet every DIA variant starts with the identity gate; dia-widest-timestep combines both adaptive
+# changes, chosen before the runs as "the best adaptive variant".
+RETROFIT_VARIANTS = ("stock", "dia-global", "dia-widest-timestep")
+
+
+@dataclass(frozen=True)
+class Budget:
+    """What every run of a comparison trains and measures; the same for every variant."""
+
+    preset: str
+    dataset: str
+    resolution: int
+    steps: int
+    batch: int
+    samples: int  # FD samples per run (DDIM with ddim_steps)
+    ddim_steps: int
+    eval_every: int  # FD during training, for the FD-vs-step figure
+    eval_samples: int
+    flags: tuple[str, ...] = ()  # further training flags
+    channels: int = 1
+    seeds: tuple[int, ...] = (0, 1, 2)
+    variants: tuple[str, ...] = EARLIER_VARIANTS
+    heldout_images: int = 0  # test images of the held-out loss (0: not measured)
+    checkpointing_steps: int = 0  # 0: the preset's
+    pilot_steps: int = 0
+    pilot_eval_every: int = 0
+    base: str | None = None  # a retrofit budget continues the stock models of this budget
+
+
 # `cpu` is Fashion-MNIST with the fmnist-32 UNet layout at 16x16: 32x32 costs 1.8 s per step on one CPU thread,
 # 16x16 0.43 s, which puts 7 variants x 3 seeds at about 2 hours on 2 cores (`--jobs 2`). Its 1000 steps need a
 # larger learning rate and a shorter warmup than the preset's 20k-step recipe. `digits` is a smaller stand-in.
+# `digits8` and `fmnist16`: 30 runs at --jobs 2 are 15 rounds of two, so each run gets 8-12 minutes. A digits step
+# (demo layout, batch 64) costs about 0.12 s of one core; a 16x16 Fashion-MNIST step about 0.45 s at batch 64 and
+# 0.25 s at batch 32, so fmnist16 trains at batch 32 to afford more steps. FD, held-out loss and start-up add about
+# 1 minute per digits run and 3 per Fashion-MNIST run.
+DIGITS8 = Budget(
+    preset="demo", dataset="digits", resolution=8, steps=4000, batch=64, samples=1000, ddim_steps=25,
+    eval_every=1000, eval_samples=300, seeds=(0, 1, 2, 3, 4), variants=DECIDING_VARIANTS, heldout_images=297,
+    checkpointing_steps=500, flags=("--eval_inference_steps", "25"), pilot_steps=12000, pilot_eval_every=500,
+)  # fmt: skip
+FMNIST16 = Budget(
+    preset="fmnist-32", dataset="fashion_mnist", resolution=16, steps=1600, batch=32, samples=2000, ddim_steps=25,
+    eval_every=800, eval_samples=200, seeds=(0, 1, 2, 3, 4), variants=DECIDING_VARIANTS, heldout_images=1000,
+    checkpointing_steps=200, pilot_steps=8000, pilot_eval_every=500,
+    flags=("--learning_rate", "1e-3", "--lr_warmup_steps", "100", "--sample_inference_steps", "100",
+           "--eval_inference_steps", "25"),
+)  # fmt: skip
+# The gpu budgets: the fmnist-32 recipe at 32x32 (20k steps at batch 128), Fashion-MNIST, and CIFAR-10 in colour
+# with the same layout; 10k FD samples and the whole test split for the held-out loss.
+GPU = Budget(
+    preset="fmnist-32", dataset="fashion_mnist", resolution=32, steps=20000, batch=128, samples=10000,
+    ddim_steps=50, eval_every=2500, eval_samples=2000, seeds=(0, 1, 2, 3, 4), variants=DECIDING_VARIANTS,
+    heldout_images=10000, checkpointing_steps=2000, flags=("--sample_inference_steps", "100"),
+    pilot_steps=60000, pilot_eval_every=2500,
+)  # fmt: skip
+GPU_CIFAR10 = dataclasses.replace(GPU, dataset="cifar10", channels=3, steps=40000, pilot_steps=100000)
+
+
+def retrofit(base: str, steps: int, checkpointing_steps: int) -> Budget:
+    """Continue each seed's stock model of `base` for `steps` more steps with its recipe (a fresh optimizer), as
+    stock and as retrofitted DIA."""
+    return dataclasses.replace(
+        BUDGETS[base],
+        base=base,
+        steps=steps,
+        eval_every=steps // 2,
+        checkpointing_steps=checkpointing_steps,
+        variants=RETROFIT_VARIANTS,
+        pilot_steps=0,
+        pilot_eval_every=0,
+    )
+
+
 BUDGETS = {
-    "smoke": dict(preset="demo", dataset="digits", resolution=8, steps=4, batch=8, samples=64, ddim_steps=5,
-                  eval_every=2, eval_samples=32, flags=("--sample_inference_steps", "5")),
-    "digits": dict(preset="demo", dataset="digits", resolution=8, steps=800, batch=64, samples=1000, ddim_steps=25,
-                   eval_every=200, eval_samples=300, flags=()),
-    "cpu": dict(preset="fmnist-32", dataset="fashion_mnist", resolution=16, steps=1000, batch=64, samples=2000,
-                ddim_steps=25, eval_every=500, eval_samples=200,
-                flags=("--learning_rate", "1e-3", "--lr_warmup_steps", "100", "--sample_inference_steps", "100")),
-    "gpu": dict(preset="fmnist-32", dataset="fashion_mnist", resolution=32, steps=20000, batch=128, samples=10000,
-                ddim_steps=50, eval_every=2500, eval_samples=2000, flags=()),
+    "smoke": Budget(preset="demo", dataset="digits", resolution=8, steps=4, batch=8, samples=64, ddim_steps=5,
+                    eval_every=2, eval_samples=32, flags=("--sample_inference_steps", "5")),
+    "digits": Budget(preset="demo", dataset="digits", resolution=8, steps=800, batch=64, samples=1000,
+                     ddim_steps=25, eval_every=200, eval_samples=300),
+    "cpu": Budget(preset="fmnist-32", dataset="fashion_mnist", resolution=16, steps=1000, batch=64, samples=2000,
+                  ddim_steps=25, eval_every=500, eval_samples=200,
+                  flags=("--learning_rate", "1e-3", "--lr_warmup_steps", "100", "--sample_inference_steps", "100")),
+    "digits8": DIGITS8,
+    "fmnist16": FMNIST16,
+    "gpu": GPU,
+    "gpu-cifar10": GPU_CIFAR10,
 }  # fmt: skip
+BUDGETS["retrofit-digits8"] = retrofit("digits8", steps=2000, checkpointing_steps=500)
+BUDGETS["retrofit-fmnist16"] = retrofit("fmnist16", steps=800, checkpointing_steps=200)
+BUDGETS["gpu-retrofit"] = retrofit("gpu", steps=5000, checkpointing_steps=1000)
 
 
-def run_command(command: list[str], log: Path, threads: int | None = None) -> None:
-    with log.open("a") as handle:
+def train_command(
+    variant: str, seed: int, budget: Budget, run_dir: Path, init_unet: Path | None = None
+) -> list[str]:
+    """The training command of one (variant, seed) run of `budget`, writing its model to `run_dir/model`."""
+    preset = PRESETS[budget.preset].settings
+    # Only settings that differ from the preset's, so the earlier budgets' commands stay as they were run.
+    data = [] if budget.dataset == preset["dataset"] else ["--dataset", budget.dataset]
+    data += [] if budget.channels == preset["channels"] else ["--channels", str(budget.channels)]
+    data += ["--checkpointing_steps", str(budget.checkpointing_steps)] if budget.checkpointing_steps else []
+    start = [] if init_unet is None else ["--init_unet", str(init_unet)]
+    return [
+        sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
+        "--mixed_precision", "no", "--dynamo_backend", "no", "train/train_ddpm.py",
+        "--preset", budget.preset, *VARIANTS[variant], "--seed", str(seed), "--resolution", str(budget.resolution),
+        "--max_train_steps", str(budget.steps), "--train_batch_size", str(budget.batch),
+        "--eval_every", str(budget.eval_every), "--eval_num_samples", str(budget.eval_samples),
+        "--output_dir", str(run_dir / "model"), "--resume_from_checkpoint", "latest", *data, *start, *budget.flags,
+    ]  # fmt: skip
+
+
+def run_command(
+    command: list[str], log: Path, threads: int | None = None, stdout: Path | None = None
+) -> None:
+    """Runs `command`, appending its output to `log`; its standard output goes to the file `stdout` if given."""
+    with log.open("a") as handle, open(stdout or os.devnull, "w") as output:
         handle.write(f"$ {' '.join(command)}\n")
         handle.flush()
         result = subprocess.run(
-            command, stdout=handle, stderr=subprocess.STDOUT, cwd=REPOSITORY, env=thread_environment(threads)
+            command,
+            stdout=output if stdout else handle,
+            stderr=handle if stdout else subprocess.STDOUT,
+            cwd=REPOSITORY,
+            env=thread_environment(threads),
         )
     if result.returncode != 0:
         raise SystemExit(f"command failed (exit {result.returncode}), see {log}: {' '.join(command)}")
@@ -84,104 +226,188 @@ def thread_environment(threads: int | None) -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": str(threads)} if threads else dict(os.environ)
 
 
-def reference_statistics(dataset: str, resolution: int, out: Path) -> Path:
+def reference_statistics(budget: Budget, out: Path) -> Path:
     """Classifier-feature statistics of the whole training split, computed once for every run."""
-    path = out / f"reference-{dataset}-{resolution}.npz"
+    dataset = budget.dataset
+    path = out / f"reference-{Path(dataset).name}-{budget.resolution}.npz"
     if not path.is_file():
         out.mkdir(parents=True, exist_ok=True)
         command = [
             sys.executable, "-m", "dia_diffusion.cli", "ref", dataset, "--feature", "classifier",
-            "--resolution", str(resolution), "--channels", "1", "--num_samples", "100000", "--out", str(path),
+            "--resolution", str(budget.resolution), "--channels", str(budget.channels), "--num_samples", "100000",
+            "--out", str(path),
         ]  # fmt: skip
         run_command(command, out / "reference.log")
     return path
 
 
-def train_command(variant: str, seed: int, budget: dict, run_dir: Path) -> list[str]:
-    """The public training command of one (variant, seed) run of a budget; the model goes to run_dir/model."""
-    return [
-        sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
-        "--mixed_precision", "no", "--dynamo_backend", "no", "train/train_ddpm.py",
-        "--preset", budget["preset"], *VARIANTS[variant], "--seed", str(seed), "--resolution", str(budget["resolution"]),
-        "--max_train_steps", str(budget["steps"]), "--train_batch_size", str(budget["batch"]),
-        "--eval_every", str(budget["eval_every"]), "--eval_num_samples", str(budget["eval_samples"]),
-        "--output_dir", str(run_dir / "model"), "--resume_from_checkpoint", "latest", *budget["flags"],
-    ]  # fmt: skip
-
-
 def train_and_measure(
-    variant: str, seed: int, budget: dict, run_dir: Path, reference: Path, threads: int | None = None
+    variant: str,
+    seed: int,
+    budget: Budget,
+    run_dir: Path,
+    reference: Path,
+    threads: int | None = None,
+    init_unet: Path | None = None,
 ) -> dict:
-    """Trains one (variant, seed) and measures its FD; cached in run_dir/result.json."""
+    """Trains one (variant, seed) and measures it; cached in run_dir/result.json."""
     result_file = run_dir / "result.json"
     if result_file.is_file():
         return json.loads(result_file.read_text())
     run_dir.mkdir(parents=True, exist_ok=True)
     log = run_dir / "benchmark.log"
     start = time.time()
-    run_command(train_command(variant, seed, budget, run_dir), log, threads)
+    run_command(train_command(variant, seed, budget, run_dir, init_unet), log, threads)
     train_seconds = time.time() - start
-    fd_json = run_dir / "fd.json"
+    model = run_dir / "model"
     measure = [
-        sys.executable, "-m", "dia_diffusion.cli", "fid", "--real", str(reference), "--fake", str(run_dir / "model"),
-        "--feature", "classifier", "--num_samples", str(budget["samples"]), "--scheduler", "ddim",
-        "--num_inference_steps", str(budget["ddim_steps"]), "--seed", "0", "--json",
+        sys.executable, "-m", "dia_diffusion.cli", "fid", "--real", str(reference), "--fake", str(model),
+        "--feature", "classifier", "--num_samples", str(budget.samples), "--scheduler", "ddim",
+        "--num_inference_steps", str(budget.ddim_steps), "--seed", "0", "--json",
     ]  # fmt: skip
-    with fd_json.open("w") as handle, log.open("a") as log_handle:
-        subprocess.run(
-            measure,
-            stdout=handle,
-            stderr=log_handle,
-            cwd=REPOSITORY,
-            env=thread_environment(threads),
-            check=True,
-        )
-    fd = json.loads(fd_json.read_text())
-    unet_config = json.loads((run_dir / "model" / "unet" / "config.json").read_text())
-    history = [json.loads(line) for line in (run_dir / "model" / "metrics.jsonl").read_text().splitlines()]
+    run_command(measure, log, threads, stdout=run_dir / "fd.json")
+    fd = json.loads((run_dir / "fd.json").read_text())
     result = {
         "variant": variant,
         "seed": seed,
         "fd_classifier": fd["fd_classifier"],
         "fd_record": fd,
-        "parameters": count_parameters(DDPMPipeline.from_pretrained(run_dir / "model").unet),
-        "unet_class": unet_config["_class_name"],
+        "parameters": count_parameters(DDPMPipeline.from_pretrained(model).unet),
+        "unet_class": json.loads((model / "unet" / "config.json").read_text())["_class_name"],
         "train_seconds": train_seconds,
-        "fd_vs_step": [(row["step"], row["fd_classifier"]) for row in history if "fd_classifier" in row],
+        "fd_vs_step": [
+            (row["step"], row["fd_classifier"])
+            for row in map(json.loads, (model / "metrics.jsonl").read_text().splitlines())
+            if "fd_classifier" in row
+        ],
     }
+    if init_unet is not None:
+        result["init_unet"] = str(init_unet)
+    if budget.heldout_images:
+        heldout = [
+            sys.executable, "-m", "dia_diffusion.cli", "heldout-loss", "--model", str(model),
+            "--dataset", budget.dataset, "--split", "test", "--num_images", str(budget.heldout_images),
+            "--seed", "0",
+        ]  # fmt: skip
+        run_command(heldout, log, threads, stdout=run_dir / "heldout.json")
+        result["heldout"] = json.loads((run_dir / "heldout.json").read_text())
     partial = result_file.with_suffix(".partial")
     partial.write_text(json.dumps(result, indent=1))
     os.replace(partial, result_file)
     return result
 
 
+def bootstrap_ci(values: list[float], confidence: float = 0.95, resamples: int = 10_000) -> list[float]:
+    """Percentile-bootstrap confidence interval of the mean of `values` (one value per seed), resampling the
+    seeds with replacement; fixed resampling seed, so a table regenerates exactly. NaNs for fewer than 2 values."""
+    if len(values) < 2:
+        return [float("nan"), float("nan")]
+    interval = scipy.stats.bootstrap(
+        (np.asarray(values, dtype=float),),
+        np.mean,
+        confidence_level=confidence,
+        n_resamples=resamples,
+        method="percentile",
+        random_state=np.random.default_rng(0),
+    ).confidence_interval
+    return [float(interval.low), float(interval.high)]
+
+
+def paired_ratio(runs: list[dict], stock_by_seed: dict[int, dict], metric) -> dict:
+    """Mean, std and 95 % CI over seeds of metric(run) / metric(stock run of the same seed)."""
+    ratios = [
+        metric(run) / metric(stock_by_seed[run["seed"]]) for run in runs if run["seed"] in stock_by_seed
+    ]
+    return {
+        "mean": statistics.mean(ratios) if ratios else float("nan"),
+        "std": statistics.stdev(ratios) if len(ratios) > 1 else float("nan"),
+        "ci95": bootstrap_ci(ratios),
+    }
+
+
 def summarise(results: list[dict]) -> list[dict]:
-    """Per variant: FD mean ± std over seeds, and the FD ratio to the stock run of the same seed.
+    """Per variant: FD (and held-out loss) mean ± std over seeds, and the paired ratio to stock with its CI.
 
     Every variant trains from the same seeds (initial backbone weights, data order, noise), so the paired ratio
     cancels the part of the seed-to-seed spread that all variants share.
     """
-    stock_by_seed = {r["seed"]: r["fd_classifier"] for r in results if r["variant"] == "stock"}
+    stock_by_seed = {r["seed"]: r for r in results if r["variant"] == "stock"}
     rows = []
     for variant in VARIANTS:
         runs = sorted((r for r in results if r["variant"] == variant), key=lambda r: r["seed"])
         if not runs:
             continue
         values = [r["fd_classifier"] for r in runs]
-        paired = [r["fd_classifier"] / stock_by_seed[r["seed"]] for r in runs if r["seed"] in stock_by_seed]
-        rows.append(
-            {
-                "variant": variant,
-                "parameters": runs[0]["parameters"],
-                "seeds": [r["seed"] for r in runs],
-                "fd_mean": statistics.mean(values),
-                "fd_std": statistics.stdev(values) if len(values) > 1 else float("nan"),
-                "fd_per_seed": values,
-                "ratio_to_stock_mean": statistics.mean(paired) if paired else float("nan"),
-                "ratio_to_stock_std": statistics.stdev(paired) if len(paired) > 1 else float("nan"),
-            }
-        )
+        fd_ratio = paired_ratio(runs, stock_by_seed, lambda run: run["fd_classifier"])
+        row = {
+            "variant": variant,
+            "parameters": runs[0]["parameters"],
+            "seeds": [r["seed"] for r in runs],
+            "fd_mean": statistics.mean(values),
+            "fd_std": statistics.stdev(values) if len(values) > 1 else float("nan"),
+            "fd_per_seed": values,
+            "ratio_to_stock_mean": fd_ratio["mean"],
+            "ratio_to_stock_std": fd_ratio["std"],
+            "ratio_to_stock_ci95": fd_ratio["ci95"],
+        }
+        if all("heldout" in r for r in [*runs, *stock_by_seed.values()]):
+            row.update(summarise_heldout(runs, stock_by_seed))
+        rows.append(row)
     return rows
+
+
+def summarise_heldout(runs: list[dict], stock_by_seed: dict[int, dict]) -> dict:
+    losses = [r["heldout"]["heldout_loss"] for r in runs]
+    overall = paired_ratio(runs, stock_by_seed, lambda run: run["heldout"]["heldout_loss"])
+    bands = []
+    for index, band in enumerate(runs[0]["heldout"]["per_band"]):
+        ratio = paired_ratio(runs, stock_by_seed, lambda run, i=index: run["heldout"]["per_band"][i]["loss"])
+        bands.append({"band": band["band"], "ratio_mean": ratio["mean"], "ratio_ci95": ratio["ci95"]})
+    return {
+        "heldout_mean": statistics.mean(losses),
+        "heldout_std": statistics.stdev(losses) if len(losses) > 1 else float("nan"),
+        "heldout_per_seed": losses,
+        "heldout_ratio_mean": overall["mean"],
+        "heldout_ratio_ci95": overall["ci95"],
+        "heldout_band_ratios": bands,
+    }
+
+
+def table(rows: list[dict], budget: Budget, name: str) -> str:
+    """The comparison as a Markdown table, its first line stating what each number is made of."""
+    heldout = "heldout_mean" in rows[0]
+    seeds = rows[0]["seeds"]
+    header = (
+        f"`{name}`: {len(seeds)} seeds ({', '.join(map(str, seeds))}), {budget.steps} steps at batch {budget.batch}; "
+        f"FD (classifier features) of {budget.samples} DDIM-{budget.ddim_steps} samples per run"
+    )
+    if heldout:
+        header += f"; held-out loss on {budget.heldout_images} test images"
+    header += ". Ratios are to stock at the same seed: mean [95 % bootstrap CI over seeds]."
+    columns = ["variant", "parameters", "FD mean ± std", "FD ratio to stock [95 % CI]"]
+    if heldout:
+        columns += [
+            "held-out loss mean ± std",
+            "held-out ratio [95 % CI]",
+            "held-out ratio per band, low t → high t",
+        ]
+    lines = [header, "", "| " + " | ".join(columns) + " |", "|---|" + "---:|" * (len(columns) - 1)]
+    for row in rows:
+        cells = [
+            row["variant"],
+            f"{row['parameters']:,}",
+            f"{row['fd_mean']:.3f} ± {row['fd_std']:.3f}",
+            f"{row['ratio_to_stock_mean']:.3f} [{row['ratio_to_stock_ci95'][0]:.3f}, {row['ratio_to_stock_ci95'][1]:.3f}]",
+        ]
+        if heldout:
+            low, high = row["heldout_ratio_ci95"]
+            cells += [
+                f"{row['heldout_mean']:.5f} ± {row['heldout_std']:.5f}",
+                f"{row['heldout_ratio_mean']:.4f} [{low:.4f}, {high:.4f}]",
+                ", ".join(f"{band['ratio_mean']:.3f}" for band in row["heldout_band_ratios"]),
+            ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def draw_fd_vs_step(results: list[dict], path: Path) -> None:
@@ -240,13 +466,38 @@ def draw_sample_grids(results: list[dict], out: Path, path: Path) -> None:
     plt.close(figure)
 
 
+def run_pilot(budget: Budget, out: Path, threads: int | None) -> None:
+    """Stock at seed 0 for `pilot_steps`, FD every `pilot_eval_every` steps: the curve the step count comes from."""
+    if not budget.pilot_steps:
+        raise SystemExit("quality.py: error: this budget has no pilot (pilot_steps is 0)")
+    pilot = dataclasses.replace(budget, steps=budget.pilot_steps, eval_every=budget.pilot_eval_every)
+    result = train_and_measure(
+        "stock", 0, pilot, out / "stock" / "seed-0", reference_statistics(pilot, out), threads
+    )
+    draw_fd_vs_step([result], out / "fd_vs_step.png")
+    seconds_per_step = result["train_seconds"] / pilot.steps
+    summary = {
+        "budget": dataclasses.asdict(pilot),
+        "fd_vs_step": result["fd_vs_step"],
+        "seconds_per_step": seconds_per_step,
+    }
+    (out / "pilot.json").write_text(json.dumps(summary, indent=1))
+    print(
+        f"pilot: stock, seed 0, {pilot.steps} steps, {seconds_per_step:.3f} s per step including evaluations"
+    )
+    for step, fd in result["fd_vs_step"]:
+        print(f"  step {step:>7}: FD (classifier features) {fd:.3f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--budget", choices=list(BUDGETS), default="cpu")
-    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=DEFAULT_VARIANTS)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument(
+        "--variants", nargs="+", choices=list(VARIANTS), default=None, help="default: the budget's"
+    )
+    parser.add_argument("--seeds", type=int, nargs="+", default=None, help="default: the budget's")
     parser.add_argument(
         "--jobs",
         type=int,
@@ -254,57 +505,81 @@ def main() -> None:
         help="runs trained at once on a CPU machine, each with cores/jobs threads",
     )
     parser.add_argument(
-        "--dataset", default=None, help="reference data for FD (default: the preset's dataset)"
+        "--dataset", default=None, help="train and measure on this dataset spec instead of the budget's own"
     )
     parser.add_argument(
         "--out", default=None, help="output folder (default benchmarks/results/quality-<budget>)"
+    )
+    parser.add_argument(
+        "--base_out", default=None, help="a retrofit budget's base comparison (default: that budget's folder)"
+    )
+    parser.add_argument(
+        "--pilot", action="store_true", help="train stock at seed 0 long, for the FD-vs-step curve"
     )
     args = parser.parse_args()
     if args.jobs < 1:
         parser.error(f"--jobs must be at least 1, got {args.jobs}")
     budget = BUDGETS[args.budget]
-    dataset = args.dataset or budget["dataset"]
+    if args.dataset:
+        budget = dataclasses.replace(budget, dataset=args.dataset)
     out = Path(args.out or REPOSITORY / "benchmarks" / "results" / f"quality-{args.budget}")
-
-    reference = reference_statistics(dataset, budget["resolution"], out)
-    # Seed-major order: an interrupted comparison still has every variant at some seeds.
-    runs = [(variant, seed) for seed in args.seeds for variant in args.variants]
     threads = max(1, (os.cpu_count() or 1) // args.jobs) if args.jobs > 1 else None
-    results = []
+    if args.pilot:
+        run_pilot(budget, out / "pilot", threads)
+        return
+    variants = args.variants or list(budget.variants)
+    seeds = args.seeds or list(budget.seeds)
+
+    initial = {}
+    if budget.base is not None:
+        base_budget = dataclasses.replace(BUDGETS[budget.base], dataset=budget.dataset)
+        base_out = Path(args.base_out or REPOSITORY / "benchmarks" / "results" / f"quality-{budget.base}")
+        base_reference = reference_statistics(base_budget, base_out)
+        with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+            list(pool.map(lambda seed: train_and_measure(
+                "stock", seed, base_budget, base_out / "stock" / f"seed-{seed}", base_reference, threads), seeds))  # fmt: skip
+        initial = {seed: base_out / "stock" / f"seed-{seed}" / "model" for seed in seeds}
+
+    reference = reference_statistics(budget, out)
+    # Seed-major order: an interrupted comparison still has every variant at some seeds.
+    runs = [(variant, seed) for seed in seeds for variant in variants]
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         pending = [
             pool.submit(
-                train_and_measure, variant, seed, budget, out / variant / f"seed-{seed}", reference, threads
+                train_and_measure,
+                variant,
+                seed,
+                budget,
+                out / variant / f"seed-{seed}",
+                reference,
+                threads,
+                initial.get(seed),
             )
             for variant, seed in runs
         ]
+        results = []
         for finished in as_completed(pending):
             result = finished.result()
             results.append(result)
             print(
-                f"{result['variant']:<18} seed {result['seed']}: FD (classifier features) {result['fd_classifier']:.3f}",
+                f"{result['variant']:<24} seed {result['seed']}: FD (classifier features) {result['fd_classifier']:.3f}",
                 flush=True,
             )
 
     rows = summarise(results)
     summary = {
         "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
-        "budget": {"name": args.budget, **budget},
-        "dataset": dataset,
+        "budget": {"name": args.budget, **dataclasses.asdict(budget)},
+        "dataset": budget.dataset,
         "machine": f"{platform.machine()}, {os.cpu_count()} cores",
         "rows": rows,
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    markdown = table(rows, budget, args.budget)
+    (out / "summary.md").write_text(markdown)
     draw_fd_vs_step(results, out / "fd_vs_step.png")
     draw_sample_grids(results, out, out / "samples.png")
-    print(
-        f"\n{'variant':<18}{'parameters':>12}  {'FD (classifier features)':>26}  {'vs stock, same seed':>20}"
-    )
-    for row in rows:
-        print(
-            f"{row['variant']:<18}{row['parameters']:>12,}  {row['fd_mean']:9.3f} ± {row['fd_std']:.3f} (n={len(row['seeds'])})"
-            f"  {row['ratio_to_stock_mean']:11.3f} ± {row['ratio_to_stock_std']:.3f}"
-        )
+    print("\n" + markdown)
 
 
 if __name__ == "__main__":

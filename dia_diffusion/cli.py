@@ -3,10 +3,10 @@
 import argparse
 import sys
 
-from dia_diffusion import correlation, fid_command, parameter_count
+from dia_diffusion import correlation, fid_command, heldout_loss, parameter_count
 
 # Each module exposes `add_parser(subparsers)`, which registers its sub-commands and the function that runs them.
-COMMANDS = (parameter_count, correlation, fid_command)
+COMMANDS = (parameter_count, correlation, fid_command, heldout_loss)
 
 
 def main(argv: list[str] | None = None) -> int:

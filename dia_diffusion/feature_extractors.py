@@ -49,6 +49,15 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+def folder_weights_sha256(folder: Path) -> str:
+    """sha256 of a model folder's weights file; for sharded weights, of the list of '<file> <sha256>' lines."""
+    files = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("*.bin"))
+    if len(files) == 1:
+        return file_sha256(files[0])
+    listing = "".join(f"{file.name} {file_sha256(file)}\n" for file in files)
+    return hashlib.sha256(listing.encode()).hexdigest()
+
+
 def inception_cache_path() -> Path:
     """Where torch-fidelity (and so torchmetrics) keeps the file: $TORCH_HOME/hub/checkpoints/."""
     return Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_WEIGHTS_FILE
@@ -152,7 +161,7 @@ class Dinov2Features(nn.Module):
         folder = Path(model) if Path(model).is_dir() else self.download(model)
         self.model_name = model
         self.network = Dinov2Model.from_pretrained(folder).eval().requires_grad_(False)
-        self.weights_sha256 = self.folder_weights_sha256(folder)
+        self.weights_sha256 = folder_weights_sha256(folder)
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
 
@@ -168,15 +177,6 @@ class Dinov2Features(nn.Module):
                 f"transformers nor reachable on the Hugging Face hub from this machine ({type(error).__name__}); "
                 "download it where you have internet and pass its folder"
             ) from error
-
-    @staticmethod
-    def folder_weights_sha256(folder: Path) -> str:
-        """sha256 of the weights file; for sharded weights, of the list of '<file> <sha256>' lines."""
-        files = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("*.bin"))
-        if len(files) == 1:
-            return file_sha256(files[0])
-        listing = "".join(f"{file.name} {file_sha256(file)}\n" for file in files)
-        return hashlib.sha256(listing.encode()).hexdigest()
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         pixels = as_rgb(images).to(self.mean) / 255.0

@@ -48,6 +48,8 @@ from dia_diffusion.checkpointing import (
 from dia_diffusion.data import add_training_transform, load_image_dataset
 from dia_diffusion.evaluation import PipelineEvaluator
 from dia_diffusion.feature_extractors import MissingWeightsError
+from dia_diffusion.initial_weights import load_initial_unet, with_initial_unet
+from dia_diffusion.objective import prediction_target
 from dia_diffusion.presets import PRESETS, UNET_VARIANTS, build_unet, unet_arguments
 
 TRACKER_PROJECT = "train_ddpm"
@@ -101,6 +103,9 @@ class TrainingConfig:
     dia_global_cell: str = "bottleneck"
     gradient_checkpointing: bool = False
     compile: bool = False
+    # start from a saved UNet (see initial_weights.py); resolve_config fills in the sha256 of its weights
+    init_unet: str | None = None
+    init_unet_sha256: str | None = None
     # diffusion
     num_train_timesteps: int = 1000
     beta_schedule: str = "linear"
@@ -187,8 +192,10 @@ def resolve_config(preset: str, overrides: dict[str, Any]) -> TrainingConfig:
     unknown = sorted(set(overrides) - known)
     if unknown:
         raise TrainingConfigError(f"unknown setting(s) {', '.join(unknown)}")
-    settings = {**PRESETS[preset].settings, **{k: v for k, v in overrides.items() if v is not None}}
-    config = TrainingConfig(**{**settings, "preset": preset})
+    given = {key: value for key, value in overrides.items() if value is not None}
+    config = TrainingConfig(**{**PRESETS[preset].settings, **given, "preset": preset})
+    if config.init_unet is not None:
+        config = with_initial_unet(config, given)
     validate_config(config)
     return config
 
@@ -320,12 +327,7 @@ def train(config: TrainingConfig) -> TrainingResult:
             f"--dataset {config.dataset!r} has {len(dataset)} images, fewer than one batch of {images_per_step} "
             f"(--train_batch_size {config.train_batch_size} x {accelerator.num_processes} processes)"
         )
-    try:
-        unet = build_unet(config.unet, config.unet_arguments(), config.dia_options())
-    except ValueError as error:
-        raise TrainingConfigError(
-            f"the UNet of --preset {config.preset} with these flags cannot be built: {error}"
-        ) from None
+    unet = initial_unet(config)
     record = run_record(config, accelerator.num_processes)
     resuming = config.resume_from_checkpoint is not None
     if resuming:
@@ -539,6 +541,18 @@ def warn(accelerator: Accelerator, message: str) -> None:
         print(f"warning: {message}", file=sys.stderr)
 
 
+def initial_unet(config: TrainingConfig) -> UNet2DModel:
+    """The model the run starts from: a fresh one of the preset's layout, or the saved UNet of `--init_unet`."""
+    if config.init_unet is not None:
+        return load_initial_unet(config)
+    try:
+        return build_unet(config.unet, config.unet_arguments(), config.dia_options())
+    except ValueError as error:
+        raise TrainingConfigError(
+            f"the UNet of --preset {config.preset} with these flags cannot be built: {error}"
+        ) from None
+
+
 class EpochShuffleSampler(Sampler[int]):
     """A fresh permutation of the dataset every epoch, a pure function of (seed, epoch).
 
@@ -629,13 +643,7 @@ def diffusion_loss(
     )
     noisy_images = noise_scheduler.add_noise(clean_images, noise, timesteps)
     prediction = unet(noisy_images, timesteps).sample
-    prediction_type = noise_scheduler.config.prediction_type
-    if prediction_type == "epsilon":
-        target = noise
-    elif prediction_type == "sample":
-        target = clean_images
-    else:
-        target = noise_scheduler.get_velocity(clean_images, noise, timesteps)
+    target = prediction_target(noise_scheduler, clean_images, noise, timesteps)
     return F.mse_loss(prediction.float(), target.float())
 
 

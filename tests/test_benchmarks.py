@@ -1,9 +1,14 @@
 """The benchmark commands end to end at their smallest settings: what they print and write, not how fast it is."""
 
+import importlib.util
 import json
+import math
 import os
+import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -70,12 +75,14 @@ def test_quality_smoke_tabulates_and_resumes_from_cached_runs(tmp_path):
         assert row["fd_mean"] > 0 and len(row["fd_per_seed"]) == 2
     # The ratio to stock is taken seed by seed: stock's own ratio is exactly 1 with no spread.
     assert rows["stock"]["ratio_to_stock_mean"] == 1 and rows["stock"]["ratio_to_stock_std"] == 0
+    assert rows["stock"]["ratio_to_stock_ci95"] == [1, 1]
     per_seed = [
         dia / stock for dia, stock in zip(rows["dia-global"]["fd_per_seed"], rows["stock"]["fd_per_seed"])
     ]
     assert rows["dia-global"]["ratio_to_stock_mean"] == pytest.approx(sum(per_seed) / 2)
     assert (tmp_path / "fd_vs_step.png").stat().st_size > 0 and (tmp_path / "samples.png").stat().st_size > 0
-    assert "vs stock, same seed" in stdout
+    assert "2 seeds (0, 1)" in stdout and "to stock at the same seed" in stdout
+    assert (tmp_path / "summary.md").read_text() in stdout
 
     # A second invocation finds every run finished: nothing is trained or sampled again, the table is the same.
     logs = {path: path.read_text() for path in tmp_path.glob("*/seed-*/benchmark.log")}
@@ -111,3 +118,83 @@ def test_correlation_benchmark_trains_a_variant_once_and_tabulates_the_report_ke
     logs = {path: path.read_text() for path in tmp_path.glob("*/benchmark.log")}
     succeeded(run_benchmark("correlation.py", *arguments))
     assert {path: path.read_text() for path in logs} == logs
+
+
+def load_quality():
+    spec = importlib.util.spec_from_file_location("quality", REPOSITORY / "benchmarks" / "quality.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bootstrap_ci_matches_a_hand_computation():
+    quality = load_quality()
+    # Resampling the 4 seeds of [1, 2, 3, 4]: a mean <= 1.25 has probability (1 + 4) / 4**4 = 2.0 %, a mean <= 1.5
+    # (1 + 4 + 10) / 256 = 5.9 %, so the 2.5th percentile is 1.5, and by symmetry the 97.5th is 3.5.
+    assert quality.bootstrap_ci([1, 2, 3, 4]) == [1.5, 3.5]
+    assert quality.bootstrap_ci([3, 1, 4, 2]) == [1.5, 3.5]
+    assert quality.bootstrap_ci([1.0, 1.0, 1.0]) == [1.0, 1.0]
+    assert all(math.isnan(bound) for bound in quality.bootstrap_ci([2.0]))
+
+
+def test_train_commands_of_the_earlier_budgets_are_unchanged_and_retrofits_start_from_stock(tmp_path):
+    quality = load_quality()
+    command = quality.train_command("dia-global", 2, quality.BUDGETS["cpu"], tmp_path)
+    assert command[1:] == [
+        "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no",
+        "--dynamo_backend", "no", "train/train_ddpm.py", "--preset", "fmnist-32", "--unet", "dia", "--dia_sharing",
+        "global", "--seed", "2", "--resolution", "16", "--max_train_steps", "1000", "--train_batch_size", "64",
+        "--eval_every", "500", "--eval_num_samples", "200", "--output_dir", str(tmp_path / "model"),
+        "--resume_from_checkpoint", "latest", "--learning_rate", "1e-3", "--lr_warmup_steps", "100",
+        "--sample_inference_steps", "100",
+    ]  # fmt: skip
+    retrofit = quality.BUDGETS["retrofit-fmnist16"]
+    command = quality.train_command("dia-global", 0, retrofit, tmp_path, init_unet=tmp_path / "stock")
+    assert command[command.index("--init_unet") + 1] == str(tmp_path / "stock")
+    assert command[command.index("--checkpointing_steps") + 1] == str(retrofit.checkpointing_steps)
+    assert retrofit.base == "fmnist16" and retrofit.variants[0] == "stock"
+
+
+RESUMABLE_SMOKE = """
+import dataclasses, sys
+sys.path.insert(0, "benchmarks")
+import quality
+quality.BUDGETS["smoke"] = dataclasses.replace(
+    quality.BUDGETS["smoke"], steps=60, checkpointing_steps=10, eval_every=0, heldout_images=8
+)
+sys.argv = ["quality.py", "--budget", "smoke", "--seeds", "0", "--variants", "stock", "--out", sys.argv[1]]
+quality.main()
+"""
+
+
+@pytest.mark.slow
+def test_quality_resumes_an_interrupted_run_from_its_last_checkpoint(tmp_path):
+    command = [sys.executable, "-c", RESUMABLE_SMOKE, str(tmp_path)]
+    run_dir = tmp_path / "stock" / "seed-0"
+    checkpoints = run_dir / "model" / "checkpoints"
+    interrupted = subprocess.Popen(
+        command, cwd=REPOSITORY, env=ONE_THREAD, start_new_session=True, stdout=subprocess.DEVNULL
+    )
+    deadline = time.monotonic() + 300
+    while not (checkpoints / "checkpoint-10").is_dir() and interrupted.poll() is None:
+        assert time.monotonic() < deadline, "no checkpoint within 5 minutes"
+        time.sleep(0.02)
+    os.killpg(
+        interrupted.pid, signal.SIGKILL
+    )  # the whole process group: quality.py and the training under it
+    interrupted.wait()
+    assert not (run_dir / "result.json").exists()
+    latest = max(int(path.name.split("-")[1]) for path in checkpoints.glob("checkpoint-*"))
+    assert 10 <= latest < 60
+
+    stdout = succeeded(
+        subprocess.run(command, cwd=REPOSITORY, env=ONE_THREAD, capture_output=True, text=True)
+    )
+    log = (run_dir / "benchmark.log").read_text()
+    assert log.count("train/train_ddpm.py") == 2
+    assert re.search(rf"resumed from \S*checkpoint-{latest} at step {latest}\b", log)
+    result = json.loads((run_dir / "result.json").read_text())
+    assert result["fd_classifier"] > 0
+    assert result["heldout"]["num_images"] == 8 and result["heldout"]["heldout_loss"] > 0
+    row = json.loads((tmp_path / "summary.json").read_text())["rows"][0]
+    assert row["heldout_ratio_mean"] == 1 and "held-out loss on 8 test images" in stdout

@@ -27,6 +27,7 @@ from dia_diffusion.checkpointing import (
 )
 from dia_diffusion.data import DatasetSpecError
 from dia_diffusion.folder_lock import FolderInUseError
+from dia_diffusion.initial_weights import InitialUNetError
 from dia_diffusion.interruption import RunInterrupted, follow_launcher, stop_on_signals
 from dia_diffusion.presets import PRESETS, UNET_VARIANTS
 from dia_diffusion.training import NonFiniteLossError, TrainingConfigError, resolve_config, train
@@ -40,6 +41,7 @@ BAD_INPUT_ERRORS = (
     CheckpointNotFoundError,
     CheckpointLoadError,
     FolderInUseError,
+    InitialUNetError,
 )
 
 
@@ -78,6 +80,11 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--dia_condition", help="none, or timestep: the attention also sees the noise level")
     model.add_argument(
         "--dia_global_cell", help="bottleneck or widest: the width of the globally shared cell"
+    )
+    model.add_argument(
+        "--init_unet",
+        help="start from a saved UNet: a pipeline folder, its unet/ folder or a hub name; its layout replaces "
+        "the preset's (see docs/training.md)",
     )
     model.add_argument("--gradient_checkpointing", action=flag_bool, default=None)
     model.add_argument("--compile", action=flag_bool, default=None, help="torch.compile the UNet (inductor)")

@@ -1,0 +1,224 @@
+"""`--init_unet`: a run that starts from a saved UNet — retrofit parity at step 0, the layout taken from the checkpoint,
+refusals in one line, the run record, hub names, and bitwise-exact resume."""
+
+import importlib.util
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from accelerate.state import AcceleratorState, GradientState
+from conftest import TINY_GREY_UNET
+from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+
+from dia_diffusion import DIAUNet2DModel, initial_weights, training
+from dia_diffusion.checkpointing import RunIdentityError
+from dia_diffusion.data import load_image_dataset
+from dia_diffusion.feature_extractors import file_sha256
+from dia_diffusion.initial_weights import InitialUNetError, load_initial_unet
+from dia_diffusion.training import resolve_config, train
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+pytestmark = pytest.mark.usefixtures("isolated_run")
+
+
+@pytest.fixture(scope="module")
+def tiny_dataset(tmp_path_factory) -> str:
+    folder = tmp_path_factory.mktemp("data") / "digits16"
+    load_image_dataset("digits").select(range(16)).save_to_disk(str(folder))
+    return str(folder)
+
+
+def save_pipeline(unet: UNet2DModel, folder: Path) -> Path:
+    DDPMPipeline(unet=unet, scheduler=DDPMScheduler(num_train_timesteps=100)).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def stock_pipeline(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    return save_pipeline(UNet2DModel(**TINY_GREY_UNET), tmp_path_factory.mktemp("stock") / "pipeline")
+
+
+def run_config(dataset: str, output_dir: Path, **overrides):
+    settings = {
+        "dataset": dataset,
+        "output_dir": str(output_dir),
+        "max_train_steps": 2,
+        "train_batch_size": 4,
+        "checkpointing_steps": 1,
+        "logger": "none",
+        "num_sample_images": 2,
+        "sample_inference_steps": 2,
+        "eval_every": 0,
+        "num_train_timesteps": 100,
+        **overrides,
+    }
+    return resolve_config("demo", settings)
+
+
+def test_retrofit_starts_from_exactly_what_the_checkpoint_computes(
+    stock_pipeline, tiny_dataset, tmp_path, monkeypatch
+):
+    stock = UNet2DModel.from_pretrained(stock_pipeline / "unet").eval()
+    sample, timesteps = torch.randn(3, 1, 8, 8), torch.tensor([1, 50, 99])
+    first_outputs, initial_ema = [], []
+
+    real_loss = training.diffusion_loss
+
+    def records_the_first_forward(unet, noise_scheduler, clean_images):
+        if not first_outputs:
+            unet.eval()
+            with torch.no_grad():
+                first_outputs.append(unet(sample, timesteps).sample)
+            unet.train()
+        return real_loss(unet, noise_scheduler, clean_images)
+
+    class RecordedEMA(training.EMAModel):
+        def __init__(self, parameters, **kwargs):
+            super().__init__(parameters, **kwargs)
+            initial_ema.append([shadow.clone() for shadow in self.shadow_params])
+
+    monkeypatch.setattr(training, "diffusion_loss", records_the_first_forward)
+    monkeypatch.setattr(training, "EMAModel", RecordedEMA)
+    config = run_config(tiny_dataset, tmp_path / "run", init_unet=str(stock_pipeline), unet="dia")
+    result = train(config)
+
+    assert config.dia_gate == "identity"
+    with torch.no_grad():
+        assert torch.equal(first_outputs[0], stock(sample, timesteps).sample)
+    # The EMA starts from the checkpoint's weights (and the DIA module's fresh ones), not from a random UNet.
+    stock_weights = stock.state_dict()
+    names = [name for name, _ in result.unet.named_parameters()]
+    for name, shadow in zip(names, initial_ema[0], strict=True):
+        if name in stock_weights:
+            assert torch.equal(shadow, stock_weights[name]), name
+    assert isinstance(result.unet, DIAUNet2DModel) and result.global_step == 2
+    record = json.loads((tmp_path / "run" / "training_config.json").read_text())
+    assert record["init_unet"] == str(stock_pipeline)
+    assert record["init_unet_sha256"] == file_sha256(
+        stock_pipeline / "unet" / "diffusion_pytorch_model.safetensors"
+    )
+
+
+def test_the_layout_comes_from_the_checkpoint(stock_pipeline, tmp_path):
+    config = run_config(
+        "digits", tmp_path / "run", init_unet=str(stock_pipeline / "unet"), unet="se-per-layer"
+    )
+    # The demo preset's layout (widths 32/64, attention) is replaced by the checkpoint's.
+    assert list(config.unet_config["block_out_channels"]) == [8, 16]
+    assert list(config.unet_config["down_block_types"]) == ["DownBlock2D", "DownBlock2D"]
+    assert (config.resolution, config.channels) == (8, 1)
+    assert config.unet_config["norm_num_groups"] == 4
+    unet = load_initial_unet(config)
+    assert unet.config.dia_attention == "se_per_layer" and list(unet.config.block_out_channels) == [8, 16]
+
+
+def test_a_dia_checkpoint_loads_as_it_is(tmp_path):
+    torch.manual_seed(0)
+    saved = DIAUNet2DModel(**TINY_GREY_UNET, dia_sharing="per_width", dia_reduction=2).eval()
+    folder = save_pipeline(saved, tmp_path / "dia")
+    config = run_config("digits", tmp_path / "run", init_unet=str(folder))
+    assert (config.unet, config.dia_sharing, config.dia_reduction) == ("dia", "per_width", 2)
+    loaded = load_initial_unet(config)
+    for name, value in saved.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], value), name
+
+
+def refusal(settings: dict, match: str) -> None:
+    with pytest.raises(InitialUNetError, match=match) as raised:
+        resolve_config("demo", {"output_dir": "unused", **settings})
+    assert "\n" not in str(raised.value)
+
+
+def test_settings_that_contradict_the_checkpoint_are_refused_by_name(stock_pipeline, tmp_path):
+    stock = str(stock_pipeline)
+    refusal(
+        {"init_unet": stock, "resolution": 16},
+        r"--resolution 16 contradicts .*resolution 8; leave --resolution out",
+    )
+    refusal({"init_unet": stock, "channels": 3}, r"--channels 3 contradicts")
+    refusal(
+        {"init_unet": stock, "unet_config": {"block_out_channels": (32, 64)}}, r"--unet_config .* contradicts"
+    )
+    dia = str(save_pipeline(DIAUNet2DModel(**TINY_GREY_UNET), tmp_path / "dia"))
+    refusal({"init_unet": dia, "unet": "stock"}, r"--unet stock cannot start from .*pass --unet dia")
+    refusal({"init_unet": dia, "unet": "se-per-layer"}, r"--unet se-per-layer cannot start from")
+    refusal(
+        {"init_unet": dia, "dia_sharing": "per_block"}, r"--dia_sharing 'per_block' contradicts .*'global'"
+    )
+    refusal(
+        {"init_unet": str(tmp_path / "missing" / "folder")}, r"not a local folder, and the Hugging Face hub"
+    )
+    (tmp_path / "empty").mkdir()
+    refusal({"init_unet": str(tmp_path / "empty")}, r"holds no UNet")
+
+
+def test_a_hub_name_is_downloaded_or_refused_in_one_line(stock_pipeline, tmp_path, monkeypatch):
+    # No network attempt: the hub client answers from its (empty) cache only.
+    monkeypatch.setattr(initial_weights.huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    refusal(
+        {"init_unet": "someone/no-such-ddpm"}, r"'someone/no-such-ddpm' is not a local folder, and the .*hub"
+    )
+
+    requested = []
+
+    def snapshot_download(name, allow_patterns):
+        requested.append(allow_patterns)
+        return str(stock_pipeline)
+
+    monkeypatch.setattr(initial_weights.huggingface_hub, "snapshot_download", snapshot_download)
+    config = run_config("digits", tmp_path / "run", init_unet="someone/a-ddpm", unet="stock")
+    assert list(config.unet_config["block_out_channels"]) == [8, 16]
+    # Configs first, then only the UNet's safetensors weights.
+    assert requested[-1][-1] == "unet/*.safetensors" and not any("*.bin" in p for p in requested[-1])
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("train_ddpm", REPO_ROOT / "train" / "train_ddpm.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_script_refuses_a_dia_checkpoint_for_a_stock_run_in_one_line(tmp_path, capsys):
+    dia = save_pipeline(DIAUNet2DModel(**TINY_GREY_UNET), tmp_path / "dia")
+    output_dir = tmp_path / "run"
+    code = load_script().main(["--output_dir", str(output_dir), "--init_unet", str(dia), "--unet", "stock"])
+    stderr = capsys.readouterr().err
+    assert code == 2 and stderr.count("\n") == 1 and "--unet stock cannot start from" in stderr
+    assert not output_dir.exists()
+
+
+def test_resume_of_a_retrofit_run_is_bitwise_exact_and_checks_the_source(
+    stock_pipeline, tiny_dataset, tmp_path, monkeypatch
+):
+    source = tmp_path / "source"
+    shutil.copytree(stock_pipeline, source)
+    settings = {"init_unet": str(source), "unet": "dia", "max_train_steps": 4, "checkpointing_steps": 2}
+    whole = train(run_config(tiny_dataset, tmp_path / "whole", **settings))
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+    # Stopped after the checkpoint at step 2 (max_train_steps may change between invocations of one run).
+    train(run_config(tiny_dataset, tmp_path / "split", **{**settings, "max_train_steps": 2}))
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    resumed = train(run_config(tiny_dataset, tmp_path / "split", resume_from_checkpoint="latest", **settings))
+
+    for (name, expected), actual in zip(
+        whole.unet.named_parameters(), resumed.unet.parameters(), strict=True
+    ):
+        assert torch.equal(expected, actual), name
+    for expected, actual in zip(whole.ema.shadow_params, resumed.ema.shadow_params, strict=True):
+        assert torch.equal(expected, actual)
+
+    # The source's weights changed since the run started: resuming it is refused, naming their sha256.
+    torch.manual_seed(1)
+    UNet2DModel(**TINY_GREY_UNET).save_pretrained(source / "unet")
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    with pytest.raises(RunIdentityError, match="init_unet_sha256"):
+        train(run_config(tiny_dataset, tmp_path / "split", resume_from_checkpoint="latest", **settings))
