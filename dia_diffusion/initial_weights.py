@@ -30,7 +30,7 @@ from dia_diffusion.presets import UNET_VARIANTS
 from dia_diffusion.unet_dia import DIAUNet2DModel
 
 if TYPE_CHECKING:
-    from dia_diffusion.training import TrainingConfig
+    from dia_diffusion.training_config import TrainingConfig
 
 CONFIG_FILENAME = "config.json"
 # The files a UNet folder on the hub needs; configs first, so that only the weights of the UNet are downloaded.

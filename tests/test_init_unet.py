@@ -17,7 +17,8 @@ from dia_diffusion.checkpointing import RunIdentityError
 from dia_diffusion.data import load_image_dataset
 from dia_diffusion.feature_extractors import file_sha256
 from dia_diffusion.initial_weights import InitialUNetError, load_initial_unet
-from dia_diffusion.training import resolve_config, train
+from dia_diffusion.training import train
+from dia_diffusion.training_config import resolve_config
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

@@ -26,7 +26,7 @@ from dia_diffusion.checkpointing import (
     write_run_record,
 )
 from dia_diffusion.folder_lock import lock_folder
-from dia_diffusion.training import resolve_config, run_record
+from dia_diffusion.training_config import resolve_config, run_record
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = REPO_ROOT / "train" / "train_ddpm.py"

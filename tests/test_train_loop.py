@@ -26,13 +26,8 @@ from dia_diffusion.checkpointing import (
 )
 from dia_diffusion.evaluation import PipelineEvaluator
 from dia_diffusion.interruption import RunInterrupted, stop_on_signals
-from dia_diffusion.training import (
-    NonFiniteLossError,
-    TrainingConfig,
-    TrainingConfigError,
-    resolve_config,
-    train,
-)
+from dia_diffusion.training import NonFiniteLossError, train
+from dia_diffusion.training_config import TrainingConfig, TrainingConfigError, resolve_config
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TINY_UNET = {

@@ -6,7 +6,7 @@ from diffusers import UNet2DModel
 
 from dia_diffusion import DIAUNet2DModel
 from dia_diffusion.presets import PRESETS, UNET_VARIANTS, build_unet
-from dia_diffusion.training import TrainingConfigError, resolve_config
+from dia_diffusion.training_config import TrainingConfigError, resolve_config
 
 
 def parameter_count(model: torch.nn.Module) -> int:

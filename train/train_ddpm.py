@@ -30,7 +30,8 @@ from dia_diffusion.folder_lock import FolderInUseError
 from dia_diffusion.initial_weights import InitialUNetError
 from dia_diffusion.interruption import RunInterrupted, follow_launcher, stop_on_signals
 from dia_diffusion.presets import PRESETS, UNET_VARIANTS
-from dia_diffusion.training import NonFiniteLossError, TrainingConfigError, resolve_config, train
+from dia_diffusion.training import NonFiniteLossError, train
+from dia_diffusion.training_config import TrainingConfigError, resolve_config
 
 EXIT_BAD_INPUT = 2
 EXIT_TRAINING_FAILED = 1

@@ -1,0 +1,218 @@
+"""The training config: a named preset plus the flags given, resolved into one checked `TrainingConfig`.
+
+`resolve_config` is what `train/train_ddpm.py` calls: the preset's settings, every flag that was given, the layout
+of an `--init_unet` checkpoint where there is one, then `validate_config`, which names the first flag whose value
+cannot work. `run_record` is what a run writes to its folder as `training_config.json`.
+"""
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+from diffusers.optimization import SchedulerType
+
+from dia_diffusion.initial_weights import with_initial_unet
+from dia_diffusion.presets import PRESETS, UNET_VARIANTS, unet_arguments
+
+PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
+MIXED_PRECISION_MODES = ("no", "fp16", "bf16")
+LOGGERS = ("tensorboard", "none")
+BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid")
+VARIANCE_TYPES = ("fixed_small", "fixed_large")
+# diffusers' schedules, except piecewise_constant: it needs step rules, which no flag sets.
+LR_SCHEDULERS = tuple(kind.value for kind in SchedulerType if kind != SchedulerType.PIECEWISE_CONSTANT)
+# numpy's seed range; accelerate's set_seed seeds numpy too.
+MAX_SEED = 2**32 - 1
+
+
+class TrainingConfigError(ValueError):
+    """A setting that cannot work; the message is one line naming the flag."""
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    """Everything a run depends on. Field names are the flags of train/train_ddpm.py."""
+
+    output_dir: str
+    preset: str = "demo"
+    # data
+    dataset: str = "digits"
+    image_column: str | None = None
+    resolution: int = 8
+    channels: int = 1
+    random_flip: bool = False
+    dataloader_num_workers: int = 0
+    # model: UNet2DModel arguments except sample_size / in_channels / out_channels, which follow the data
+    unet: str = "dia"
+    unet_config: dict[str, Any] = field(default_factory=dict)
+    dia_sharing: str = "global"
+    dia_reduction: int = 4
+    dia_hidden_channels: int | None = None
+    dia_gate: str = "sigmoid"
+    dia_condition: str = "none"
+    dia_global_cell: str = "bottleneck"
+    gradient_checkpointing: bool = False
+    compile: bool = False
+    # start from a saved UNet (see initial_weights.py); resolve_config fills in the sha256 of its weights
+    init_unet: str | None = None
+    init_unet_sha256: str | None = None
+    # diffusion
+    num_train_timesteps: int = 1000
+    beta_schedule: str = "linear"
+    variance_type: str = "fixed_small"
+    prediction_type: str = "epsilon"
+    # optimisation (train_batch_size is per process)
+    max_train_steps: int = 1000
+    train_batch_size: int = 64
+    gradient_accumulation_steps: int = 1
+    learning_rate: float = 1e-4
+    lr_scheduler: str = "constant_with_warmup"
+    lr_warmup_steps: int = 0
+    adam_weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    mixed_precision: str = "no"
+    seed: int = 0
+    ema_decay: float = 0.9999
+    ema_warmup: bool = False
+    # checkpoints, logs, samples, evaluation (0 = only at the end for samples, never for evaluation)
+    checkpointing_steps: int = 1000
+    checkpoints_total_limit: int = 0
+    resume_from_checkpoint: str | None = None
+    log_every: int = 10
+    logger: str = "tensorboard"
+    sample_every: int = 0
+    num_sample_images: int = 64
+    sample_inference_steps: int = 1000
+    eval_every: int = 0
+    eval_feature: str = "classifier"
+    eval_num_samples: int = 500
+    eval_inference_steps: int = 50
+
+    def unet_arguments(self) -> dict[str, Any]:
+        return unet_arguments(self.unet_config, self.resolution, self.channels)
+
+    def dia_options(self) -> dict[str, Any]:
+        return {
+            "dia_sharing": self.dia_sharing,
+            "dia_reduction": self.dia_reduction,
+            "dia_hidden_channels": self.dia_hidden_channels,
+            "dia_gate": self.dia_gate,
+            "dia_condition": self.dia_condition,
+            "dia_global_cell": self.dia_global_cell,
+        }
+
+
+# Settings that may change between invocations of one run without making it a different run. A changed learning
+# rate is recorded in `learning_rate_changes` with the step it applies from.
+RUN_NEUTRAL_FIELDS = (
+    "output_dir",
+    "resume_from_checkpoint",
+    "learning_rate",
+    "learning_rate_changes",
+    "max_train_steps",
+    "dataloader_num_workers",
+    "gradient_checkpointing",
+    "compile",
+    "checkpointing_steps",
+    "checkpoints_total_limit",
+    "log_every",
+    "logger",
+    "sample_every",
+    "num_sample_images",
+    "sample_inference_steps",
+    "eval_every",
+    "eval_feature",
+    "eval_num_samples",
+    "eval_inference_steps",
+)
+
+
+def resolve_config(preset: str, overrides: dict[str, Any]) -> TrainingConfig:
+    """The preset's settings, then every override that is not None."""
+    if preset not in PRESETS:
+        raise TrainingConfigError(f"unknown --preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    known = {item.name for item in fields(TrainingConfig)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise TrainingConfigError(f"unknown setting(s) {', '.join(unknown)}")
+    given = {key: value for key, value in overrides.items() if value is not None}
+    config = TrainingConfig(**{**PRESETS[preset].settings, **given, "preset": preset})
+    if config.init_unet is not None:
+        config = with_initial_unet(config, given)
+    validate_config(config)
+    return config
+
+
+def validate_config(config: TrainingConfig) -> None:
+    """Raises TrainingConfigError naming the first flag whose value cannot work."""
+    choices = {
+        "unet": UNET_VARIANTS,
+        "prediction_type": PREDICTION_TYPES,
+        "mixed_precision": MIXED_PRECISION_MODES,
+        "logger": LOGGERS,
+        "lr_scheduler": LR_SCHEDULERS,
+        "beta_schedule": BETA_SCHEDULES,
+        "variance_type": VARIANCE_TYPES,
+        "channels": (1, 3),
+    }
+    for name, allowed in choices.items():
+        if getattr(config, name) not in allowed:
+            raise TrainingConfigError(
+                f"--{name} must be one of {', '.join(map(str, allowed))}, got {getattr(config, name)!r}"
+            )
+    positive = (
+        "resolution",
+        "max_train_steps",
+        "train_batch_size",
+        "gradient_accumulation_steps",
+        "learning_rate",
+        "max_grad_norm",
+        "checkpointing_steps",
+        "log_every",
+        "num_sample_images",
+        "sample_inference_steps",
+        "eval_num_samples",
+        "eval_inference_steps",
+        "num_train_timesteps",
+    )
+    for name in positive:
+        if not getattr(config, name) > 0:
+            raise TrainingConfigError(f"--{name} must be positive, got {getattr(config, name)!r}")
+    not_negative = (
+        "lr_warmup_steps",
+        "checkpoints_total_limit",
+        "sample_every",
+        "eval_every",
+        "dataloader_num_workers",
+        "adam_weight_decay",
+    )
+    for name in not_negative:
+        if getattr(config, name) < 0:
+            raise TrainingConfigError(f"--{name} must not be negative, got {getattr(config, name)!r}")
+    if not 0.0 < config.ema_decay < 1.0:
+        raise TrainingConfigError(f"--ema_decay must be between 0 and 1, got {config.ema_decay!r}")
+    if not 0 <= config.seed <= MAX_SEED:
+        raise TrainingConfigError(f"--seed must be between 0 and {MAX_SEED}, got {config.seed!r}")
+    # A sampler cannot take more steps than the schedule has timesteps; diffusers would refuse only at sampling time.
+    sampling_steps = ["sample_inference_steps"] + (["eval_inference_steps"] if config.eval_every else [])
+    for name in sampling_steps:
+        if getattr(config, name) > config.num_train_timesteps:
+            raise TrainingConfigError(
+                f"--{name} must be at most the {config.num_train_timesteps} training timesteps, "
+                f"got {getattr(config, name)!r}"
+            )
+    # Each level but the last halves the image, so the resolution must survive len(block_out_channels) - 1 halvings.
+    levels = len(config.unet_config.get("block_out_channels", ()))
+    divisor = 2 ** max(levels - 1, 0)
+    if config.resolution % divisor:
+        raise TrainingConfigError(
+            f"--resolution {config.resolution} cannot be divided by {divisor}, which the UNet's {levels} levels "
+            f"need; use a multiple of {divisor}"
+        )
+
+
+def run_record(config: TrainingConfig, num_processes: int) -> dict[str, Any]:
+    """What `training_config.json` holds: the resolved config, the process count the data order depends on, and
+    the learning rates the optimizer used: `{"step": s, "learning_rate": lr}` means lr from step s + 1 on (a resumed
+    run takes the history from its checkpoint, see `resume`)."""
+    learning_rate_changes = [{"step": 0, "learning_rate": config.learning_rate}]
+    return {**asdict(config), "num_processes": num_processes, "learning_rate_changes": learning_rate_changes}
