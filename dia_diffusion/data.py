@@ -24,6 +24,8 @@ import PIL.Image
 import torch
 from torchvision import transforms
 
+from dia_diffusion.image_modes import UnsupportedImageError, model_image
+
 # Where Debian's `dataset-fashion-mnist` package installs the original idx files.
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_HUB_NAME = "zalando-datasets/fashion_mnist"
@@ -91,7 +93,8 @@ def load_image_dataset(spec: str, split: str = "train", image_column: str | None
 def image_transform(
     resolution: int, channels: int, random_flip: bool = True
 ) -> Callable[[PIL.Image.Image], torch.Tensor]:
-    """Grey<->RGB, resize + centre crop, optional flip, to float32 [channels, resolution, resolution] in [-1, 1]."""
+    """Any PIL mode to 8-bit grey or RGB (`image_modes.model_image`), resize + centre crop, optional flip, to
+    float32 [channels, resolution, resolution] in [-1, 1]."""
     steps = _resize_and_crop(resolution, channels)
     if random_flip:
         steps.append(transforms.RandomHorizontalFlip())
@@ -134,14 +137,19 @@ def _resize_and_crop(resolution: int, channels: int) -> list[Callable]:
     if channels not in (1, 3):
         raise ValueError(f"channels must be 1 (grey) or 3 (RGB), got {channels!r}")
     return [
-        transforms.Lambda(partial(_convert_mode, mode="L" if channels == 1 else "RGB")),
+        transforms.Lambda(partial(_model_image, channels=channels)),
         transforms.Resize(resolution, interpolation=transforms.InterpolationMode.BILINEAR),
         transforms.CenterCrop(resolution),
     ]
 
 
-def _convert_mode(image: PIL.Image.Image, mode: str) -> PIL.Image.Image:
-    return image if image.mode == mode else image.convert(mode)
+def _model_image(image: PIL.Image.Image, channels: int) -> PIL.Image.Image:
+    try:
+        return model_image(image, channels)
+    except UnsupportedImageError as error:
+        # Images read from a file (an image folder) carry its name; others come from bytes inside a dataset.
+        name = getattr(image, "filename", "")
+        raise DatasetSpecError(f"image {f'file {name!r}' if name else 'of the dataset'} {error}") from None
 
 
 def _check_split(spec: str, split: str, available: Sequence[str]) -> None:
@@ -252,10 +260,16 @@ def _load_image_folder(path: Path, split: str, image_column: str | None) -> data
 
 
 def _verify_image(file: Path) -> None:
-    """Checks the file's structure (PIL's verify, no full decode) so a bad file is named before training starts."""
+    """Decodes the whole file and checks its mode converts, so a bad file is named before training starts rather
+    than failing a batch mid-run (PIL's `verify` reads only the structure: a truncated JPEG passes it)."""
     try:
         with PIL.Image.open(file) as image:
-            image.verify()
+            # A JPEG decodes at 1/8 scale: every byte is still read and checked, an 8th of the pixels are made.
+            image.draft(None, (1, 1))
+            image.load()
+            model_image(image, 3)
+    except UnsupportedImageError as error:
+        raise DatasetSpecError(f"image file '{file}' {error}") from None
     except (OSError, SyntaxError, ValueError, PIL.Image.DecompressionBombError) as error:
         raise DatasetSpecError(
             f"image file '{file}' is corrupt or unreadable: {_first_line(error)}"
