@@ -333,6 +333,42 @@ def test_a_reference_of_another_geometry_is_refused(tiny_dinov2, tmp_path, capsy
     assert "16px" in the_error(err) and "8px" in the_error(err)
 
 
+def digits_folder(folder: Path, split: str, count: int, size: int = 8, mode: str = "L") -> Path:
+    """`count` digits of `split` as PNGs of size x size pixels in `mode`, in one folder (no labels)."""
+    folder.mkdir(parents=True)
+    for index, image in enumerate(load_image_dataset("digits", split=split)[:count]["image"]):
+        image.resize((size, size)).convert(mode).save(folder / f"{index}.png")
+    return folder
+
+
+def test_classifier_features_use_the_labelled_side_and_swapping_the_sides_changes_nothing(
+    cache_dir, tmp_path, capsys
+):
+    unlabelled = str(digits_folder(tmp_path / "unlabelled", "test", 40))
+    common = ["--feature", "classifier", "--cache_dir", str(cache_dir), "--num_samples", "40"]
+    forward = fid_json(capsys, "--real", "digits", "--fake", unlabelled, *common)
+    swapped = fid_json(capsys, "--real", unlabelled, "--fake", "digits", *common)
+    for result in (forward, swapped):
+        assert result["feature_extractor"]["dataset"] == "digits"
+        assert (result["resolution"], result["channels"]) == (8, 1)
+    assert swapped["fd_classifier"] == pytest.approx(forward["fd_classifier"], rel=1e-9)
+    assert forward["fd_classifier"] > 0
+
+
+def test_the_image_geometry_comes_from_the_real_side(tiny_dinov2, tmp_path, capsys):
+    grey_8 = str(digits_folder(tmp_path / "grey-8", "train", 6))
+    rgb_12 = str(digits_folder(tmp_path / "rgb-12", "test", 6, size=12, mode="RGB"))
+    common = ["--feature", "dinov2", "--dinov2_model", str(tiny_dinov2), "--num_samples", "6"]
+    forward = fid_json(capsys, "--real", grey_8, "--fake", rgb_12, *common)
+    swapped = fid_json(capsys, "--real", rgb_12, "--fake", grey_8, *common)
+    assert (forward["resolution"], forward["channels"]) == (8, 1)
+    assert (swapped["resolution"], swapped["channels"]) == (12, 3)
+    pinned = fid_json(
+        capsys, "--real", rgb_12, "--fake", grey_8, "--resolution", "8", "--channels", "1", *common
+    )
+    assert pinned["fd_dinov2"] == pytest.approx(forward["fd_dinov2"], rel=1e-6)
+
+
 def test_classifier_features_without_a_labelled_dataset_are_refused(pipeline_folder, tmp_path, capsys):
     code, _, err = run_cli(
         capsys, "fid", "--real", str(pipeline_folder), "--fake", str(pipeline_folder), "--feature", "classifier",
