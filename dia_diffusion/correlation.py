@@ -21,6 +21,8 @@ import torch
 from diffusers import DDPMScheduler
 
 from dia_diffusion.data import load_image_dataset, to_uint8_images
+from dia_diffusion.errors import first_line
+from dia_diffusion.output_files import check_output_path, write_atomically
 from dia_diffusion.unet_dia import DIAUNet2DModel
 
 
@@ -78,6 +80,7 @@ def mean_off_diagonal(matrix: np.ndarray) -> float:
 
 
 def draw_heatmap(matrix: np.ndarray, site_widths: list[int], title: str, path: Path) -> None:
+    """The matrix as a PNG; `path` may lack the extension (the format is given)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -92,24 +95,45 @@ def draw_heatmap(matrix: np.ndarray, site_widths: list[int], title: str, path: P
     axes.set_title(title, fontsize=9)
     figure.colorbar(image, ax=axes, label="Pearson r")
     figure.tight_layout()
-    figure.savefig(path, dpi=150)
+    figure.savefig(path, dpi=150, format="png")
     plt.close(figure)
 
 
 def load_unet_and_scheduler(model_dir: Path) -> tuple[DIAUNet2DModel, DDPMScheduler]:
-    """A pipeline folder (unet/ + scheduler/) or a bare model folder."""
+    """A pipeline folder (unet/ + scheduler/) or a bare model folder, holding a trained DIAUNet2DModel."""
     if (model_dir / "unet" / "config.json").is_file():
-        unet = DIAUNet2DModel.from_pretrained(model_dir, subfolder="unet")
-        scheduler = DDPMScheduler.from_pretrained(model_dir, subfolder="scheduler")
+        subfolder = "unet"
     elif (model_dir / "config.json").is_file():
-        unet, scheduler = DIAUNet2DModel.from_pretrained(model_dir), DDPMScheduler()
+        subfolder = None
     else:
         raise ValueError(f"--model: no pipeline or model folder at {model_dir}")
+    try:
+        class_name = DIAUNet2DModel.load_config(model_dir, subfolder=subfolder).get("_class_name")
+        # DIAUNet2DModel.from_pretrained would retrofit a stock UNet with fresh, untrained attention.
+        if class_name != DIAUNet2DModel.__name__:
+            raise ValueError(
+                f"--model: {model_dir} holds a {class_name}, whose channel attention was never trained; "
+                "give a model trained with DIA"
+            )
+        unet = DIAUNet2DModel.from_pretrained(model_dir, subfolder=subfolder)
+        scheduler = (
+            DDPMScheduler.from_pretrained(model_dir, subfolder="scheduler") if subfolder else DDPMScheduler()
+        )
+    except OSError as error:
+        raise ValueError(f"--model: {model_dir} cannot be loaded: {first_line(error)}") from None
     return unet.eval(), scheduler
 
 
 def analyze(args: argparse.Namespace) -> dict:
+    if args.num_images < 1:
+        raise ValueError(f"--num_images must be positive, got {args.num_images}")
     unet, scheduler = load_unet_and_scheduler(Path(args.model))
+    steps = scheduler.config.num_train_timesteps
+    outside = [timestep for timestep in args.timesteps if not 0 <= timestep < steps]
+    if outside:
+        raise ValueError(
+            f"--timesteps {' '.join(map(str, outside))}: the model was trained on timesteps 0 to {steps - 1}"
+        )
     resolution, channels = unet.config.sample_size, unet.config.in_channels
     dataset = load_image_dataset(args.dataset, split=args.split)
     count = min(args.num_images, len(dataset))
@@ -159,10 +183,12 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    report = analyze(args)
     out_dir = Path(args.out_dir or args.model)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "correlation.json").write_text(json.dumps(report, indent=1))
+    check_output_path(out_dir, "--out_dir", folder=True)
+    report = analyze(args)
+    write_atomically(
+        out_dir / "correlation.json", lambda partial: partial.write_text(json.dumps(report, indent=1))
+    )
     sharing = "" if report["dia_attention"] == "se_per_layer" else f" ({report['dia_sharing']})"
     title = (
         f"{report['dia_attention']}{sharing}: mean off-diagonal r = {report['mean_off_diagonal']:.3f}\n"
@@ -171,7 +197,10 @@ def run(args: argparse.Namespace) -> int:
     matrix = np.array(
         [[np.nan if value is None else value for value in row] for row in report["correlation"]]
     )
-    draw_heatmap(matrix, report["site_widths"], title, out_dir / "correlation.png")
+    write_atomically(
+        out_dir / "correlation.png",
+        lambda partial: draw_heatmap(matrix, report["site_widths"], title, partial),
+    )
     print(
         f"mean off-diagonal Pearson r = {report['mean_off_diagonal']:.4f}  (per width: {report['mean_off_diagonal_per_width']})"
     )

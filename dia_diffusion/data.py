@@ -24,6 +24,7 @@ import PIL.Image
 import torch
 from torchvision import transforms
 
+from dia_diffusion.errors import first_line
 from dia_diffusion.image_modes import UnsupportedImageError, model_image
 
 # Where Debian's `dataset-fashion-mnist` package installs the original idx files.
@@ -232,7 +233,7 @@ def _load_cifar10_archive(path: Path, split: str) -> datasets.Dataset:
         raise
     except (tarfile.TarError, EOFError, pickle.UnpicklingError, KeyError, TypeError, ValueError) as error:
         raise DatasetSpecError(
-            f"{path} cannot be read as a cifar-10-python archive: {_first_line(error)}"
+            f"{path} cannot be read as a cifar-10-python archive: {first_line(error)}"
         ) from None
     return _dataset_from_arrays(np.ascontiguousarray(pixels), labels, CIFAR10_CLASSES)
 
@@ -252,28 +253,30 @@ def _load_image_folder(path: Path, split: str, image_column: str | None) -> data
     image_files = sorted(file for file in path.rglob("*") if file.suffix.lower() in _IMAGE_EXTENSIONS)
     if not image_files:
         raise DatasetSpecError(f"image folder '{path}' contains no image files")
+    # Every file is decoded now, so a bad one is named before training or measuring starts rather than failing a
+    # batch mid-run (PIL's `verify` reads only the structure: a truncated JPEG passes it).
     for file in image_files:
-        _verify_image(file)
+        open_image_file(file, reduced=True)
     loaded = datasets.load_dataset("imagefolder", data_dir=str(path))
     _check_split(str(path), split, list(loaded))
     return _with_image_column(loaded[split], str(path), image_column)
 
 
-def _verify_image(file: Path) -> None:
-    """Decodes the whole file and checks its mode converts, so a bad file is named before training starts rather
-    than failing a batch mid-run (PIL's `verify` reads only the structure: a truncated JPEG passes it)."""
+def open_image_file(file: Path, reduced: bool = False) -> PIL.Image.Image:
+    """The image in `file`, decoded in full and checked to convert to the model's modes; a file that fails either
+    raises DatasetSpecError naming it. `reduced` decodes a JPEG at 1/8 of its width and height, which still reads
+    and checks every byte."""
     try:
         with PIL.Image.open(file) as image:
-            # A JPEG decodes at 1/8 scale: every byte is still read and checked, an 8th of the pixels are made.
-            image.draft(None, (1, 1))
+            if reduced:
+                image.draft(None, (1, 1))
             image.load()
             model_image(image, 3)
+            return image
     except UnsupportedImageError as error:
         raise DatasetSpecError(f"image file '{file}' {error}") from None
     except (OSError, SyntaxError, ValueError, PIL.Image.DecompressionBombError) as error:
-        raise DatasetSpecError(
-            f"image file '{file}' is corrupt or unreadable: {_first_line(error)}"
-        ) from None
+        raise DatasetSpecError(f"image file '{file}' is corrupt or unreadable: {first_line(error)}") from None
 
 
 def _load_hub(name: str, split: str, image_column: str | None, hint: str) -> datasets.Dataset:
@@ -284,7 +287,7 @@ def _load_hub(name: str, split: str, image_column: str | None, hint: str) -> dat
     try:
         loaded = datasets.load_dataset(name, split=split)
     except ConnectionError as error:
-        reason = unavailable or _first_line(error)
+        reason = unavailable or first_line(error)
         raise DatasetSpecError(f"hub dataset '{name}' cannot be loaded: {reason} ({hint})") from None
     except FileNotFoundError:
         raise DatasetSpecError(
@@ -293,7 +296,7 @@ def _load_hub(name: str, split: str, image_column: str | None, hint: str) -> dat
     except ValueError as error:
         if "split" not in str(error).lower():
             raise
-        raise DatasetSpecError(f"hub dataset '{name}' has no split '{split}': {_first_line(error)}") from None
+        raise DatasetSpecError(f"hub dataset '{name}' has no split '{split}': {first_line(error)}") from None
     return _with_image_column(loaded, name, image_column)
 
 
@@ -355,8 +358,3 @@ def _looks_like_path(spec: str) -> bool:
         or os.sep in spec.replace("/", "", 1)
         or _HUB_NAME_PATTERN.fullmatch(spec) is None
     )
-
-
-def _first_line(error: BaseException) -> str:
-    lines = str(error).strip().splitlines()
-    return lines[0] if lines else type(error).__name__

@@ -18,10 +18,9 @@ from typing import Any
 
 import datasets
 import numpy as np
-import PIL.Image
 import torch
 
-from dia_diffusion.data import load_image_dataset, to_uint8_images
+from dia_diffusion.data import load_image_dataset, open_image_file, to_uint8_images
 from dia_diffusion.evaluation import (
     dataset_features,
     features_across_processes,
@@ -38,9 +37,12 @@ from dia_diffusion.feature_extractors import (
 )
 from dia_diffusion.frechet import FeatureStatistics, frechet_distance_between
 from dia_diffusion.image_modes import GREY_MODES
+from dia_diffusion.output_files import check_output_path
 from dia_diffusion.sampling import (
+    GRID_FILE,
     SAMPLES_RECORD,
     SCHEDULERS,
+    is_sample_file,
     load_pipeline,
     pipeline_eta,
     process_state,
@@ -80,14 +82,21 @@ class Source:
             config_file = path / "unet" / "config.json"
             if not config_file.is_file():
                 raise SpecError(f"pipeline folder {spec!r} has no unet/config.json")
-            config = json.loads(config_file.read_text())
+            config = read_record(config_file, ("sample_size", "in_channels"))
             return cls(
                 spec,
                 "pipeline",
                 record={"resolution": config["sample_size"], "channels": config["in_channels"]},
             )
         if (path / SAMPLES_RECORD).is_file():
-            return cls(spec, "samples", record=json.loads((path / SAMPLES_RECORD).read_text()))
+            record = read_record(path / SAMPLES_RECORD, ("num_images", "resolution", "channels"))
+            return cls(spec, "samples", record=record)
+        if (path / GRID_FILE).is_file() and any(is_sample_file(entry.name) for entry in path.iterdir()):
+            # Read as an image folder, it would count the grid (and any stale image) as samples.
+            raise SpecError(
+                f"{spec!r} holds pipelines/sample.py images but no {SAMPLES_RECORD}, so it is no complete samples "
+                "folder; sample it again"
+            )
         return cls(spec, "dataset")
 
     def rows(self, args: argparse.Namespace) -> datasets.Dataset:
@@ -151,6 +160,18 @@ def classifier_dataset(
     return None, None
 
 
+def read_record(file: Path, keys: tuple[str, ...]) -> dict[str, Any]:
+    """A JSON object that holds `keys`, or one SpecError line naming the file."""
+    try:
+        record = json.loads(file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise SpecError(f"{str(file)!r} cannot be read as JSON: {error}") from None
+    missing = [key for key in keys if not isinstance(record, dict) or key not in record]
+    if missing:
+        raise SpecError(f"{str(file)!r} lacks {', '.join(missing)}")
+    return record
+
+
 def check_compatible(source: Source, extractor: FeatureExtractor, resolution: int, channels: int) -> None:
     """A statistics file is usable only with the same feature extractor, weights and image geometry."""
     recorded_geometry = (source.record.get("resolution"), source.record.get("channels"))
@@ -177,7 +198,7 @@ def samples_folder_features(
     channels: int,
     state: Any,
 ) -> np.ndarray:
-    folder = Path(source.spec)
+    folder = Path(source.spec).expanduser()
     count = min(args.num_samples, int(source.record["num_images"]))
     missing = [index for index in range(count) if not (folder / sample_file_name(index)).is_file()]
     if missing:
@@ -188,7 +209,7 @@ def samples_folder_features(
     def batches(indices: list[int]):
         for start in range(0, len(indices), args.batch_size):
             files = [folder / sample_file_name(index) for index in indices[start : start + args.batch_size]]
-            yield to_uint8_images([PIL.Image.open(file) for file in files], resolution, channels)
+            yield to_uint8_images([open_image_file(file) for file in files], resolution, channels)
 
     return features_across_processes(
         count,
@@ -363,6 +384,7 @@ def run_ref(args: argparse.Namespace) -> int:
     state = process_state()
     if not args.out.endswith(".npz"):
         raise SpecError(f"--out must end in .npz, got {args.out!r}")
+    check_output_path(Path(args.out).expanduser(), "--out")
     source = Source.open(args.spec)
     if source.kind == "statistics":
         raise SpecError(f"{args.spec!r} already holds statistics; give the images they should come from")

@@ -13,12 +13,14 @@ import sys
 import urllib.error
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import TINY_GREY_UNET
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 from torch import nn
 
+from dia_diffusion import frechet
 from dia_diffusion.cli import main as cli_main
 from dia_diffusion.data import load_image_dataset, to_uint8_images
 from dia_diffusion.evaluation import PipelineEvaluator
@@ -310,6 +312,131 @@ def test_a_samples_folder_measures_the_same_as_the_pipeline_it_came_from(
     )  # fmt: skip
     assert from_folder["fd_classifier"] == pytest.approx(from_pipeline["fd_classifier"], rel=1e-12)
     assert from_folder["fake"]["scheduler"] == "ddpm" and from_folder["fake"]["kind"] == "samples"
+
+
+def test_fid_counts_only_the_recorded_samples_and_refuses_a_folder_without_its_record(
+    pipeline_folder, cache_dir, tmp_path, capsys
+):
+    samples = tmp_path / "samples"
+    sample_to_folder(pipeline_folder, samples, "ddpm", num_inference_steps=2, num_images=6, seed=5)
+    common = ["--real", "digits", "--feature", "classifier", "--cache_dir", str(cache_dir)]
+    assert (
+        fid_json(capsys, "--fake", str(samples), "--num_samples", "100", *common)["fake"]["num_samples"] == 6
+    )
+
+    # Without samples.json the folder would read as an image folder: the grid would count as a seventh sample.
+    (samples / "samples.json").unlink()
+    code, out, err = run_cli(capsys, "fid", "--fake", str(samples), *common)
+    assert code == 2 and out == "" and "no samples.json" in the_error(err)
+
+
+def test_a_damaged_sample_image_is_named(pipeline_folder, cache_dir, tmp_path, capsys):
+    samples = tmp_path / "samples"
+    sample_to_folder(pipeline_folder, samples, "ddpm", num_inference_steps=2, num_images=4)
+    damaged = samples / "000002.png"
+    damaged.write_bytes(damaged.read_bytes()[:60])
+    argv = ["fid", "--real", "digits", "--fake", str(samples), "--feature", "classifier"]
+    code, out, err = run_cli(capsys, *argv, "--cache_dir", str(cache_dir))
+    assert code == 2 and out == "" and f"'{damaged}' is corrupt" in the_error(err)
+
+
+def write_numpy_array(path: Path) -> None:
+    with open(path, "wb") as file:
+        np.save(file, np.zeros(3))
+
+
+def write_cut_statistics(path: Path) -> None:
+    FeatureStatistics.of(np.eye(3)).save(path, {})
+    path.write_bytes(path.read_bytes()[:-40])
+
+
+@pytest.mark.parametrize(
+    ("write", "message"),
+    [
+        (lambda path: path.write_text("not numbers"), "is not a feature statistics file"),
+        (write_numpy_array, "is not a feature statistics file"),
+        (lambda path: np.savez(path, mean=np.zeros(3)), "is not a feature statistics file"),
+        (write_cut_statistics, "cannot read feature statistics"),
+    ],
+    ids=["text", "npy", "other npz", "cut short"],
+)
+def test_a_bad_statistics_file_is_named_in_one_line(tmp_path, capsys, write, message):
+    statistics = tmp_path / "reference.npz"
+    write(statistics)
+    code, out, err = run_cli(
+        capsys, "fid", "--real", str(statistics), "--fake", "digits", "--feature", "classifier"
+    )
+    assert code == 2 and out == ""
+    assert message in the_error(err) and str(statistics) in the_error(err)
+
+
+def test_ref_refuses_an_output_it_cannot_write_before_measuring(tmp_path, capsys):
+    (tmp_path / "taken.npz").mkdir()
+    (tmp_path / "a-file").write_text("")
+    for out, message in (
+        (tmp_path / "taken.npz", "is a folder"),
+        (tmp_path / "a-file" / "ref.npz", "lies under"),
+    ):
+        code, _, err = run_cli(capsys, "ref", "digits", "--out", str(out), "--feature", "classifier")
+        assert code == 2 and message in the_error(err)
+        assert "real images" not in err  # refused before a single image was measured
+
+
+def test_ctrl_c_while_ref_writes_leaves_the_previous_statistics(cache_dir, tmp_path, capsys, monkeypatch):
+    reference = tmp_path / "reference.npz"
+    argv = [
+        "ref",
+        "digits",
+        "--out",
+        str(reference),
+        "--feature",
+        "classifier",
+        "--cache_dir",
+        str(cache_dir),
+    ]
+    assert run_cli(capsys, *argv, "--num_samples", "20")[0] == 0
+    before = reference.read_bytes()
+
+    def interrupted_savez(path, **arrays):
+        Path(path).write_bytes(b"PK half a zip")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(frechet.np, "savez", interrupted_savez)
+    code, out, err = run_cli(capsys, *argv, "--num_samples", "30")
+    assert code == 130, err[-500:]
+    assert err.endswith("dia-diffusion ref: interrupted\n") and "Traceback" not in err
+    assert reference.read_bytes() == before and [path.name for path in tmp_path.iterdir()] == [
+        "reference.npz"
+    ]
+
+
+def test_a_damaged_cached_classifier_is_named_with_the_way_out(cache_dir, tmp_path, capsys):
+    cached = next((cache_dir / "classifiers").glob("digits-8-1.pt"))
+    damaged = tmp_path / "classifiers" / cached.name
+    damaged.parent.mkdir()
+    damaged.write_bytes(cached.read_bytes()[:1000])
+    argv = [
+        "fid",
+        "--real",
+        "digits",
+        "--fake",
+        "digits",
+        "--feature",
+        "classifier",
+        "--cache_dir",
+        str(tmp_path),
+    ]
+    code, out, err = run_cli(capsys, *argv)
+    assert code == 2 and out == "" and str(damaged) in the_error(err) and "delete it" in the_error(err)
+
+
+def test_a_bad_flag_is_one_line(capsys):
+    with pytest.raises(SystemExit) as exit_request:
+        cli_main(["fid", "--real", "digits"])
+    assert exit_request.value.code == 2
+    assert (
+        capsys.readouterr().err == "dia-diffusion fid: error: the following arguments are required: --fake\n"
+    )
 
 
 def test_text_output_names_the_metric_and_the_classifier_accuracy(cache_dir, capsys):
