@@ -273,6 +273,8 @@ def measure(
             state.device,
         )
         record = {"split": args.split}
+    if features.shape[0] < 2:
+        raise SpecError(f"{source.spec!r} holds {features.shape[0]} image; a covariance needs at least 2")
     record = {"spec": source.spec, "kind": source.kind, "num_samples": int(features.shape[0]), **record}
     return FeatureStatistics.of(features), features, record
 
@@ -284,6 +286,9 @@ def prepare(
         raise SpecError(
             f"--num_samples must be at least 2 (a covariance needs two samples), got {args.num_samples}"
         )
+    for flag, value in (("--batch_size", args.batch_size), ("--resolution", args.resolution)):
+        if value is not None and value < 1:
+            raise SpecError(f"{flag} must be positive, got {value}")
     resolution, channels = resolve_geometry(args, real, fake)
     dataset, image_column = (
         classifier_dataset(args, real, fake) if args.feature == "classifier" else (None, None)

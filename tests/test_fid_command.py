@@ -410,24 +410,32 @@ def test_ctrl_c_while_ref_writes_leaves_the_previous_statistics(cache_dir, tmp_p
     ]
 
 
+DIGITS_AGAINST_DIGITS = ("fid", "--real", "digits", "--fake", "digits", "--feature", "classifier")
+
+
 def test_a_damaged_cached_classifier_is_named_with_the_way_out(cache_dir, tmp_path, capsys):
     cached = next((cache_dir / "classifiers").glob("digits-8-1.pt"))
     damaged = tmp_path / "classifiers" / cached.name
     damaged.parent.mkdir()
     damaged.write_bytes(cached.read_bytes()[:1000])
-    argv = [
-        "fid",
-        "--real",
-        "digits",
-        "--fake",
-        "digits",
-        "--feature",
-        "classifier",
-        "--cache_dir",
-        str(tmp_path),
-    ]
-    code, out, err = run_cli(capsys, *argv)
+    code, out, err = run_cli(capsys, *DIGITS_AGAINST_DIGITS, "--cache_dir", str(tmp_path))
     assert code == 2 and out == "" and str(damaged) in the_error(err) and "delete it" in the_error(err)
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--batch_size", "0"], "--batch_size must be positive"),
+        (["--resolution", "0"], "--resolution must be positive"),
+        (["--fake", "one image"], "holds 1 image; a covariance needs at least 2"),
+    ],
+    ids=["batch size", "resolution", "one image"],
+)
+def test_values_no_distance_can_come_from_are_named(cache_dir, tmp_path, capsys, flags, message):
+    digits_folder(tmp_path / "one image", "test", 1)
+    flags = [str(tmp_path / flag) if flag == "one image" else flag for flag in flags]
+    code, out, err = run_cli(capsys, *DIGITS_AGAINST_DIGITS, "--cache_dir", str(cache_dir), *flags)
+    assert code == 2 and out == "" and message in the_error(err)
 
 
 def test_a_bad_flag_is_one_line(capsys):

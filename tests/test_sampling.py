@@ -210,3 +210,14 @@ def test_an_output_holding_other_files_or_a_file_is_refused_untouched(pipeline_f
     assert "is a file" in capsys.readouterr().err and a_file.read_text() == "keep me"
     assert sample_script().main([*argv, "--output", str(a_file / "samples")]) == 2
     assert "lies under" in capsys.readouterr().err
+
+
+def test_a_damaged_model_folder_is_named_in_one_line(tmp_path, capsys):
+    model = save_tiny_pipeline(tmp_path / "model")
+    weights = model / "unet" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:500])
+    argv = ["--model", str(model), "--num_inference_steps", "2", "--output", str(tmp_path / "samples")]
+    assert sample_script().main(argv) == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith(f"sample.py: error: --model '{model}' cannot be loaded") and str(weights) in error
+    assert not (tmp_path / "samples").exists()
