@@ -20,7 +20,7 @@ import numpy as np
 import PIL.Image
 
 SIXTEEN_BIT_MAX = 65535
-# (largest value) of the modes wider than 8 bits; every one of them starts at 0.
+# The largest value of each mode wider than 8 bits; every one of them starts at 0.
 WIDE_MODE_MAX = {
     "I;16": SIXTEEN_BIT_MAX,
     "I;16B": SIXTEEN_BIT_MAX,
