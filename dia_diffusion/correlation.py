@@ -31,6 +31,8 @@ from diffusers import DDPMScheduler
 from diffusers.models.resnet import ResnetBlock2D
 
 from dia_diffusion.data import load_image_dataset, to_uint8_images
+from dia_diffusion.errors import first_line
+from dia_diffusion.output_files import check_output_path, write_atomically
 from dia_diffusion.unet_dia import DIAUNet2DModel
 
 # Enough noise levels to draw attention against the timestep, from almost clean to almost pure noise.
@@ -186,7 +188,7 @@ def draw_heatmap(
     axes.set_title(title, fontsize=8)
     figure.colorbar(image, ax=axes, label="Pearson r", shrink=0.8)
     figure.tight_layout()
-    figure.savefig(path, dpi=150)
+    figure.savefig(path, dpi=150, format="png")
     plt.close(figure)
 
 
@@ -216,19 +218,32 @@ def draw_attention_vs_timestep(
     axes[0][-1].legend(fontsize=7)
     figure.suptitle(title, fontsize=9)
     figure.tight_layout()
-    figure.savefig(path, dpi=150)
+    figure.savefig(path, dpi=150, format="png")
     plt.close(figure)
 
 
 def load_unet_and_scheduler(model_dir: Path) -> tuple[DIAUNet2DModel, DDPMScheduler]:
-    """A pipeline folder (unet/ + scheduler/) or a bare model folder."""
+    """A pipeline folder (unet/ + scheduler/) or a bare model folder, holding a trained DIAUNet2DModel."""
     if (model_dir / "unet" / "config.json").is_file():
-        unet = DIAUNet2DModel.from_pretrained(model_dir, subfolder="unet")
-        scheduler = DDPMScheduler.from_pretrained(model_dir, subfolder="scheduler")
+        subfolder = "unet"
     elif (model_dir / "config.json").is_file():
-        unet, scheduler = DIAUNet2DModel.from_pretrained(model_dir), DDPMScheduler()
+        subfolder = None
     else:
         raise ValueError(f"--model: no pipeline or model folder at {model_dir}")
+    try:
+        class_name = DIAUNet2DModel.load_config(model_dir, subfolder=subfolder).get("_class_name")
+        # DIAUNet2DModel.from_pretrained would retrofit a stock UNet with fresh, untrained attention.
+        if class_name != DIAUNet2DModel.__name__:
+            raise ValueError(
+                f"--model: {model_dir} holds a {class_name}, whose channel attention was never trained; "
+                "give a model trained with DIA"
+            )
+        unet = DIAUNet2DModel.from_pretrained(model_dir, subfolder=subfolder)
+        scheduler = (
+            DDPMScheduler.from_pretrained(model_dir, subfolder="scheduler") if subfolder else DDPMScheduler()
+        )
+    except OSError as error:
+        raise ValueError(f"--model: {model_dir} cannot be loaded: {first_line(error)}") from None
     return unet.eval(), scheduler
 
 
@@ -243,6 +258,12 @@ def analyze(args: argparse.Namespace) -> tuple[dict, list[torch.Tensor]]:
             "--timesteps and --num_images: the variations need at least 2 timesteps and 2 images"
         )
     unet, scheduler = load_unet_and_scheduler(Path(args.model))
+    steps = scheduler.config.num_train_timesteps
+    outside = [timestep for timestep in args.timesteps if not 0 <= timestep < steps]
+    if outside:
+        raise ValueError(
+            f"--timesteps {' '.join(map(str, outside))}: the model was trained on timesteps 0 to {steps - 1}"
+        )
     resolution, channels = unet.config.sample_size, unet.config.in_channels
     dataset = load_image_dataset(args.dataset, split=args.split)
     count = min(args.num_images, len(dataset))
@@ -313,10 +334,12 @@ def describe(value: float | None) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    report, vectors = analyze(args)
     out_dir = Path(args.out_dir or args.model)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "correlation.json").write_text(json.dumps(report, indent=1))
+    check_output_path(out_dir, "--out_dir", folder=True)
+    report, vectors = analyze(args)
+    write_atomically(
+        out_dir / "correlation.json", lambda partial: partial.write_text(json.dumps(report, indent=1))
+    )
     variant = report["dia_attention"]
     if variant != "se_per_layer":
         variant += f" ({report['dia_sharing']}, {report['dia_global_cell']} cell, condition {report['dia_condition']})"
@@ -328,15 +351,19 @@ def run(args: argparse.Namespace) -> int:
     matrix = np.array(
         [[np.nan if value is None else value for value in row] for row in report["correlation"]]
     )
-    draw_heatmap(
-        matrix, report["site_widths"], report["residual_streams"], title, out_dir / "correlation.png"
+    write_atomically(
+        out_dir / "correlation.png",
+        lambda partial: draw_heatmap(
+            matrix, report["site_widths"], report["residual_streams"], title, partial
+        ),
     )
-    draw_attention_vs_timestep(
-        vectors,
-        report["timesteps"],
+    variation = (
         f"{variant}: input variation {report['input_variation_mean']:.4f}, "
-        f"timestep variation {report['timestep_variation_mean']:.4f}",
+        f"timestep variation {report['timestep_variation_mean']:.4f}"
+    )
+    write_atomically(
         out_dir / "attention_vs_timestep.png",
+        lambda partial: draw_attention_vs_timestep(vectors, report["timesteps"], variation, partial),
     )
     print(
         f"mean Pearson r: all equal-width pairs {report['mean_r_all_pairs']:.4f}, "

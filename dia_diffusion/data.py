@@ -24,6 +24,9 @@ import PIL.Image
 import torch
 from torchvision import transforms
 
+from dia_diffusion.errors import first_line
+from dia_diffusion.image_modes import UnsupportedImageError, model_image
+
 # Where Debian's `dataset-fashion-mnist` package installs the original idx files.
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_HUB_NAME = "zalando-datasets/fashion_mnist"
@@ -91,7 +94,8 @@ def load_image_dataset(spec: str, split: str = "train", image_column: str | None
 def image_transform(
     resolution: int, channels: int, random_flip: bool = True
 ) -> Callable[[PIL.Image.Image], torch.Tensor]:
-    """Grey<->RGB, resize + centre crop, optional flip, to float32 [channels, resolution, resolution] in [-1, 1]."""
+    """Any PIL mode to 8-bit grey or RGB (`image_modes.model_image`), resize + centre crop, optional flip, to
+    float32 [channels, resolution, resolution] in [-1, 1]."""
     steps = _resize_and_crop(resolution, channels)
     if random_flip:
         steps.append(transforms.RandomHorizontalFlip())
@@ -134,14 +138,19 @@ def _resize_and_crop(resolution: int, channels: int) -> list[Callable]:
     if channels not in (1, 3):
         raise ValueError(f"channels must be 1 (grey) or 3 (RGB), got {channels!r}")
     return [
-        transforms.Lambda(partial(_convert_mode, mode="L" if channels == 1 else "RGB")),
+        transforms.Lambda(partial(_model_image, channels=channels)),
         transforms.Resize(resolution, interpolation=transforms.InterpolationMode.BILINEAR),
         transforms.CenterCrop(resolution),
     ]
 
 
-def _convert_mode(image: PIL.Image.Image, mode: str) -> PIL.Image.Image:
-    return image if image.mode == mode else image.convert(mode)
+def _model_image(image: PIL.Image.Image, channels: int) -> PIL.Image.Image:
+    try:
+        return model_image(image, channels)
+    except UnsupportedImageError as error:
+        # Images read from a file (an image folder) carry its name; others come from bytes inside a dataset.
+        name = getattr(image, "filename", "")
+        raise DatasetSpecError(f"image {f'file {name!r}' if name else 'of the dataset'} {error}") from None
 
 
 def _check_split(spec: str, split: str, available: Sequence[str]) -> None:
@@ -224,7 +233,7 @@ def _load_cifar10_archive(path: Path, split: str) -> datasets.Dataset:
         raise
     except (tarfile.TarError, EOFError, pickle.UnpicklingError, KeyError, TypeError, ValueError) as error:
         raise DatasetSpecError(
-            f"{path} cannot be read as a cifar-10-python archive: {_first_line(error)}"
+            f"{path} cannot be read as a cifar-10-python archive: {first_line(error)}"
         ) from None
     return _dataset_from_arrays(np.ascontiguousarray(pixels), labels, CIFAR10_CLASSES)
 
@@ -244,22 +253,30 @@ def _load_image_folder(path: Path, split: str, image_column: str | None) -> data
     image_files = sorted(file for file in path.rglob("*") if file.suffix.lower() in _IMAGE_EXTENSIONS)
     if not image_files:
         raise DatasetSpecError(f"image folder '{path}' contains no image files")
+    # Every file is decoded now, so a bad one is named before training or measuring starts rather than failing a
+    # batch mid-run (PIL's `verify` reads only the structure: a truncated JPEG passes it).
     for file in image_files:
-        _verify_image(file)
+        open_image_file(file, reduced=True)
     loaded = datasets.load_dataset("imagefolder", data_dir=str(path))
     _check_split(str(path), split, list(loaded))
     return _with_image_column(loaded[split], str(path), image_column)
 
 
-def _verify_image(file: Path) -> None:
-    """Checks the file's structure (PIL's verify, no full decode) so a bad file is named before training starts."""
+def open_image_file(file: Path, reduced: bool = False) -> PIL.Image.Image:
+    """The image in `file`, decoded in full and checked to convert to the model's modes; a file that fails either
+    raises DatasetSpecError naming it. `reduced` decodes a JPEG at 1/8 of its width and height, which still reads
+    and checks every byte."""
     try:
         with PIL.Image.open(file) as image:
-            image.verify()
+            if reduced:
+                image.draft(None, (1, 1))
+            image.load()
+            model_image(image, 3)
+            return image
+    except UnsupportedImageError as error:
+        raise DatasetSpecError(f"image file '{file}' {error}") from None
     except (OSError, SyntaxError, ValueError, PIL.Image.DecompressionBombError) as error:
-        raise DatasetSpecError(
-            f"image file '{file}' is corrupt or unreadable: {_first_line(error)}"
-        ) from None
+        raise DatasetSpecError(f"image file '{file}' is corrupt or unreadable: {first_line(error)}") from None
 
 
 def _load_hub(name: str, split: str, image_column: str | None, hint: str) -> datasets.Dataset:
@@ -270,7 +287,7 @@ def _load_hub(name: str, split: str, image_column: str | None, hint: str) -> dat
     try:
         loaded = datasets.load_dataset(name, split=split)
     except ConnectionError as error:
-        reason = unavailable or _first_line(error)
+        reason = unavailable or first_line(error)
         raise DatasetSpecError(f"hub dataset '{name}' cannot be loaded: {reason} ({hint})") from None
     except FileNotFoundError:
         raise DatasetSpecError(
@@ -279,7 +296,7 @@ def _load_hub(name: str, split: str, image_column: str | None, hint: str) -> dat
     except ValueError as error:
         if "split" not in str(error).lower():
             raise
-        raise DatasetSpecError(f"hub dataset '{name}' has no split '{split}': {_first_line(error)}") from None
+        raise DatasetSpecError(f"hub dataset '{name}' has no split '{split}': {first_line(error)}") from None
     return _with_image_column(loaded, name, image_column)
 
 
@@ -341,8 +358,3 @@ def _looks_like_path(spec: str) -> bool:
         or os.sep in spec.replace("/", "", 1)
         or _HUB_NAME_PATTERN.fullmatch(spec) is None
     )
-
-
-def _first_line(error: BaseException) -> str:
-    lines = str(error).strip().splitlines()
-    return lines[0] if lines else type(error).__name__

@@ -61,10 +61,11 @@ def features_across_processes(
     """Features of items 0..count-1, each process computing a contiguous share; all processes get all of them."""
     if count < 1:
         raise ValueError(f"{description}: there are no images to measure")
-    with state.split_between_processes(list(range(count))) as indices:
-        progress = tqdm(total=len(indices), desc=description, unit="img", disable=not state.is_main_process)
+    with (
+        state.split_between_processes(list(range(count))) as indices,
+        tqdm(total=len(indices), desc=description, unit="img", disable=not state.is_main_process) as progress,
+    ):
         local = features_for(indices, progress)
-        progress.close()
     shares = gather_object([local])
     return np.concatenate([share for share in shares if share.shape[0] > 0])
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import pickle
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from dia_diffusion.data import load_image_dataset, to_uint8_images
+from dia_diffusion.errors import first_line
+from dia_diffusion.output_files import write_atomically
 
 CLASSIFIER_FORMAT = "dia_diffusion.feature_classifier.v1"
 HELD_OUT_FRACTION = 0.1
@@ -203,8 +206,14 @@ def labelled_images(
 
 def load_classifier(path: str | Path) -> TrainedClassifier:
     path = Path(path)
-    payload = torch.load(path, map_location="cpu", weights_only=True)
-    if payload.get("format") != CLASSIFIER_FORMAT:
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, pickle.UnpicklingError, EOFError, KeyError, ValueError) as error:
+        # A damaged cache file (a full disk, a copy cut short): the classifier is trained again once it is gone.
+        raise ClassifierDataError(
+            f"feature classifier file {str(path)!r} is damaged ({first_line(error)}); delete it to train it again"
+        ) from None
+    if not isinstance(payload, dict) or payload.get("format") != CLASSIFIER_FORMAT:
         raise ClassifierDataError(f"{str(path)!r} is not a feature classifier file")
     model = FeatureClassifier(payload["channels"], payload["num_classes"], tuple(payload["widths"]))
     model.load_state_dict(payload["state_dict"])
@@ -235,22 +244,17 @@ def load_or_train_classifier(
     if not path.exists():
         images, labels, num_classes = labelled_images(dataset, resolution, channels, image_column)
         model, accuracy, held_out_count = train_classifier(images, labels, num_classes, device=device)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
-        torch.save(
-            {
-                "format": CLASSIFIER_FORMAT,
-                "state_dict": model.state_dict(),
-                "channels": channels,
-                "num_classes": num_classes,
-                "widths": list(model.widths),
-                "dataset": dataset,
-                "image_column": image_column,
-                "resolution": resolution,
-                "accuracy": accuracy,
-                "held_out_images": held_out_count,
-            },
-            partial,
-        )
-        os.replace(partial, path)
+        payload = {
+            "format": CLASSIFIER_FORMAT,
+            "state_dict": model.state_dict(),
+            "channels": channels,
+            "num_classes": num_classes,
+            "widths": list(model.widths),
+            "dataset": dataset,
+            "image_column": image_column,
+            "resolution": resolution,
+            "accuracy": accuracy,
+            "held_out_images": held_out_count,
+        }
+        write_atomically(path, lambda partial: torch.save(payload, partial))
     return load_classifier(path)

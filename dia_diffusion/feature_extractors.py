@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dia_diffusion.errors import first_line
 from dia_diffusion.feature_classifier import TrainedClassifier, load_or_train_classifier
 
 FEATURE_KINDS = ("inception", "dinov2", "classifier")
@@ -122,9 +123,8 @@ class InceptionFeatures(nn.Module):
                 antialias=False,
             )
         except (RuntimeError, pickle.UnpicklingError, EOFError) as error:
-            first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
             raise ValueError(
-                f"{str(self.weights_path)!r} is not torch-fidelity's {INCEPTION_WEIGHTS_FILE}: {first_line}"
+                f"{str(self.weights_path)!r} is not torch-fidelity's {INCEPTION_WEIGHTS_FILE}: {first_line(error)}"
             ) from error
         self.weights_sha256 = file_sha256(self.weights_path)
 
@@ -160,7 +160,12 @@ class Dinov2Features(nn.Module):
 
         folder = Path(model) if Path(model).is_dir() else self.download(model)
         self.model_name = model
-        self.network = Dinov2Model.from_pretrained(folder).eval().requires_grad_(False)
+        try:
+            self.network = Dinov2Model.from_pretrained(folder).eval().requires_grad_(False)
+        except OSError as error:
+            raise MissingWeightsError(
+                f"--dinov2_model {model!r} cannot be loaded: {first_line(error)}"
+            ) from None
         self.weights_sha256 = folder_weights_sha256(folder)
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)

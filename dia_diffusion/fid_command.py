@@ -16,11 +16,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import datasets
 import numpy as np
-import PIL.Image
 import torch
 
-from dia_diffusion.data import load_image_dataset, to_uint8_images
+from dia_diffusion.data import load_image_dataset, open_image_file, to_uint8_images
 from dia_diffusion.evaluation import (
     dataset_features,
     features_across_processes,
@@ -36,9 +36,13 @@ from dia_diffusion.feature_extractors import (
     build_feature_extractor,
 )
 from dia_diffusion.frechet import FeatureStatistics, frechet_distance_between
+from dia_diffusion.image_modes import GREY_MODES
+from dia_diffusion.output_files import check_output_path
 from dia_diffusion.sampling import (
+    GRID_FILE,
     SAMPLES_RECORD,
     SCHEDULERS,
+    is_sample_file,
     load_pipeline,
     pipeline_eta,
     process_state,
@@ -48,7 +52,6 @@ from dia_diffusion.sampling import (
 SPEC_HELP = (
     "a dataset spec, an image folder, a .npz from `dia-diffusion ref`, a pipeline folder or a samples folder"
 )
-GREY_MODES = ("1", "L", "LA", "I", "I;16", "F")
 
 
 class SpecError(ValueError):
@@ -63,6 +66,7 @@ class Source:
     kind: str  # "statistics" | "pipeline" | "samples" | "dataset"
     statistics: FeatureStatistics | None = None
     record: dict[str, Any] = field(default_factory=dict)
+    loaded: dict[tuple[str, str | None], datasets.Dataset] = field(default_factory=dict, repr=False)
 
     @classmethod
     def open(cls, spec: str) -> Source:
@@ -78,20 +82,38 @@ class Source:
             config_file = path / "unet" / "config.json"
             if not config_file.is_file():
                 raise SpecError(f"pipeline folder {spec!r} has no unet/config.json")
-            config = json.loads(config_file.read_text())
+            config = read_record(config_file, ("sample_size", "in_channels"))
             return cls(
                 spec,
                 "pipeline",
                 record={"resolution": config["sample_size"], "channels": config["in_channels"]},
             )
         if (path / SAMPLES_RECORD).is_file():
-            return cls(spec, "samples", record=json.loads((path / SAMPLES_RECORD).read_text()))
+            record = read_record(path / SAMPLES_RECORD, ("num_images", "resolution", "channels"))
+            return cls(spec, "samples", record=record)
+        if (path / GRID_FILE).is_file() and any(is_sample_file(entry.name) for entry in path.iterdir()):
+            # Read as an image folder, it would count the grid (and any stale image) as samples.
+            raise SpecError(
+                f"{spec!r} holds pipelines/sample.py images but no {SAMPLES_RECORD}, so it is no complete samples "
+                "folder; sample it again"
+            )
         return cls(spec, "dataset")
 
-    def geometry(self) -> tuple[int | None, int | None]:
-        """(resolution, channels) the SPEC fixes by itself: a model's, a statistics file's, or (None, None)."""
+    def rows(self, args: argparse.Namespace) -> datasets.Dataset:
+        """A dataset SPEC's images in --split, loaded (and every file of a folder checked) once."""
+        key = (args.split, args.image_column)
+        if key not in self.loaded:
+            self.loaded[key] = load_image_dataset(self.spec, split=args.split, image_column=args.image_column)
+        return self.loaded[key]
+
+    def geometry(self, args: argparse.Namespace) -> tuple[int, int | None]:
+        """(resolution, channels) of the SPEC: a model's, a statistics file's, or a dataset's first image's."""
         if self.kind == "dataset":
-            return None, None
+            rows = self.rows(args)
+            if len(rows) == 0:
+                raise SpecError(f"dataset {self.spec!r} has no images in split {args.split!r}")
+            image = rows[0]["image"]
+            return min(image.size), 1 if image.mode in GREY_MODES else 3
         resolution = self.record.get("resolution")
         if not isinstance(resolution, int):
             raise SpecError(
@@ -100,46 +122,54 @@ class Source:
         return resolution, self.record.get("channels")
 
 
-def dataset_geometry(spec: str, split: str, image_column: str | None) -> tuple[int, int]:
-    """A dataset's own (resolution, channels), read off its first image."""
-    rows = load_image_dataset(spec, split=split, image_column=image_column)
-    if len(rows) == 0:
-        raise SpecError(f"dataset {spec!r} has no images in split {split!r}")
-    image = rows[0]["image"]
-    return min(image.size), 1 if image.mode in GREY_MODES else 3
-
-
-def resolve_geometry(args: argparse.Namespace, sources: list[Source]) -> tuple[int, int]:
-    """--resolution/--channels, else the first source that fixes them (generated images first), else the data's own."""
+def resolve_geometry(args: argparse.Namespace, real: Source, fake: Source | None) -> tuple[int, int]:
+    """--resolution/--channels, else the model's (a pipeline or samples folder: generated images are measured at
+    the size they were generated, the real side's model first), else the real side's (its statistics file's or
+    its data's own). The fake side's data never sets it: a folder compared with the real data is resized to it."""
     resolution, channels = args.resolution, args.channels
-    ordered = sorted(
-        sources, key=lambda source: ("pipeline", "samples", "statistics", "dataset").index(source.kind)
-    )
-    for source in ordered:
+    models = [
+        source for source in (real, fake) if source is not None and source.kind in ("pipeline", "samples")
+    ]
+    for source in [*models, real]:
         if resolution is not None and channels is not None:
             break
-        if source.kind == "dataset":
-            own_resolution, own_channels = dataset_geometry(source.spec, args.split, args.image_column)
-        else:
-            own_resolution, own_channels = source.geometry()
+        own_resolution, own_channels = source.geometry(args)
         resolution = resolution if resolution is not None else own_resolution
         channels = channels if channels is not None else own_channels
     return resolution, channels
 
 
-def classifier_dataset(args: argparse.Namespace, sources: list[Source]) -> tuple[str | None, str | None]:
-    """(dataset, image_column) the feature classifier is trained on: the flag, a dataset SPEC, or a reference's."""
+def classifier_dataset(
+    args: argparse.Namespace, real: Source, fake: Source | None
+) -> tuple[str | None, str | None]:
+    """(dataset, image_column) the feature classifier is trained on: --classifier_dataset, else, the real side
+    first, a labelled dataset SPEC or the dataset a classifier statistics file was made with, else an unlabelled
+    dataset SPEC (which the classifier then refuses, naming it)."""
     if args.classifier_dataset is not None:
         return args.classifier_dataset, args.image_column
-    for source in sources:
+    sides = [source for source in (real, fake) if source is not None]
+    for source in sides:
+        if source.kind == "dataset" and "label" in source.rows(args).column_names:
+            return source.spec, args.image_column
+        recorded = source.record.get("feature_extractor", {}) if source.kind == "statistics" else {}
+        if recorded.get("kind") == "classifier":
+            return recorded["dataset"], recorded.get("image_column")
+    for source in sides:
         if source.kind == "dataset":
             return source.spec, args.image_column
-    for source in sources:
-        if source.kind == "statistics":
-            recorded = source.record.get("feature_extractor", {})
-            if recorded.get("kind") == "classifier":
-                return recorded["dataset"], recorded.get("image_column")
     return None, None
+
+
+def read_record(file: Path, keys: tuple[str, ...]) -> dict[str, Any]:
+    """A JSON object that holds `keys`, or one SpecError line naming the file."""
+    try:
+        record = json.loads(file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise SpecError(f"{str(file)!r} cannot be read as JSON: {error}") from None
+    missing = [key for key in keys if not isinstance(record, dict) or key not in record]
+    if missing:
+        raise SpecError(f"{str(file)!r} lacks {', '.join(missing)}")
+    return record
 
 
 def check_compatible(source: Source, extractor: FeatureExtractor, resolution: int, channels: int) -> None:
@@ -168,7 +198,7 @@ def samples_folder_features(
     channels: int,
     state: Any,
 ) -> np.ndarray:
-    folder = Path(source.spec)
+    folder = Path(source.spec).expanduser()
     count = min(args.num_samples, int(source.record["num_images"]))
     missing = [index for index in range(count) if not (folder / sample_file_name(index)).is_file()]
     if missing:
@@ -179,7 +209,7 @@ def samples_folder_features(
     def batches(indices: list[int]):
         for start in range(0, len(indices), args.batch_size):
             files = [folder / sample_file_name(index) for index in indices[start : start + args.batch_size]]
-            yield to_uint8_images([PIL.Image.open(file) for file in files], resolution, channels)
+            yield to_uint8_images([open_image_file(file) for file in files], resolution, channels)
 
     return features_across_processes(
         count,
@@ -232,22 +262,37 @@ def measure(
             for key in ("model", "scheduler", "num_inference_steps", "eta", "seed")
         }
     else:
-        rows = load_image_dataset(source.spec, split=args.split, image_column=args.image_column)
         features = dataset_features(
-            rows, extractor, resolution, channels, args.num_samples, args.batch_size, state, state.device
+            source.rows(args),
+            extractor,
+            resolution,
+            channels,
+            args.num_samples,
+            args.batch_size,
+            state,
+            state.device,
         )
         record = {"split": args.split}
+    if features.shape[0] < 2:
+        raise SpecError(f"{source.spec!r} holds {features.shape[0]} image; a covariance needs at least 2")
     record = {"spec": source.spec, "kind": source.kind, "num_samples": int(features.shape[0]), **record}
     return FeatureStatistics.of(features), features, record
 
 
-def prepare(args: argparse.Namespace, sources: list[Source], state: Any) -> tuple[FeatureExtractor, int, int]:
+def prepare(
+    args: argparse.Namespace, state: Any, real: Source, fake: Source | None = None
+) -> tuple[FeatureExtractor, int, int]:
     if args.num_samples < 2:
         raise SpecError(
             f"--num_samples must be at least 2 (a covariance needs two samples), got {args.num_samples}"
         )
-    resolution, channels = resolve_geometry(args, sources)
-    dataset, image_column = classifier_dataset(args, sources)
+    for flag, value in (("--batch_size", args.batch_size), ("--resolution", args.resolution)):
+        if value is not None and value < 1:
+            raise SpecError(f"{flag} must be positive, got {value}")
+    resolution, channels = resolve_geometry(args, real, fake)
+    dataset, image_column = (
+        classifier_dataset(args, real, fake) if args.feature == "classifier" else (None, None)
+    )
     if args.feature == "classifier" and dataset is None:
         raise SpecError(
             "--feature classifier needs a labelled dataset: give one as a SPEC or as --classifier_dataset"
@@ -270,7 +315,7 @@ def prepare(args: argparse.Namespace, sources: list[Source], state: Any) -> tupl
 def compute_fid(args: argparse.Namespace, state: Any) -> dict[str, Any]:
     """Everything `fid` reports: the distance, KID and IS where they apply, and how it was all computed."""
     real, fake = Source.open(args.real), Source.open(args.fake)
-    extractor, resolution, channels = prepare(args, [fake, real], state)
+    extractor, resolution, channels = prepare(args, state, real, fake)
     real_statistics, real_features, real_record = measure(real, extractor, args, resolution, channels, state)
     fake_statistics, fake_features, fake_record = measure(fake, extractor, args, resolution, channels, state)
     provenance = extractor.provenance()
@@ -344,10 +389,11 @@ def run_ref(args: argparse.Namespace) -> int:
     state = process_state()
     if not args.out.endswith(".npz"):
         raise SpecError(f"--out must end in .npz, got {args.out!r}")
+    check_output_path(Path(args.out).expanduser(), "--out")
     source = Source.open(args.spec)
     if source.kind == "statistics":
         raise SpecError(f"{args.spec!r} already holds statistics; give the images they should come from")
-    extractor, resolution, channels = prepare(args, [source], state)
+    extractor, resolution, channels = prepare(args, state, source)
     statistics, _, record = measure(source, extractor, args, resolution, channels, state)
     if state.is_main_process:
         metadata = {
@@ -382,7 +428,7 @@ def add_measurement_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--split", default="train", help="dataset split read from a dataset SPEC")
     parser.add_argument("--image_column", default=None, help="image column of a hub or save_to_disk dataset")
     parser.add_argument(
-        "--resolution", type=int, default=None, help="default: the model's, else the data's own"
+        "--resolution", type=int, default=None, help="default: the model's, else the real side's own"
     )
     parser.add_argument("--channels", type=int, choices=(1, 3), default=None)
     parser.add_argument("--scheduler", choices=SCHEDULERS, default="ddim", help="sampler for a pipeline SPEC")
@@ -399,7 +445,8 @@ def add_measurement_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--classifier_dataset",
         default=None,
-        help="labelled dataset the feature classifier trains on (default: the dataset SPEC)",
+        help="labelled dataset the feature classifier trains on (default: the labelled dataset SPEC, the real "
+        "side first)",
     )
     parser.add_argument(
         "--cache_dir", default=None, help="where classifiers are cached (default ~/.cache/dia_diffusion)"

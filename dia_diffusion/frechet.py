@@ -10,12 +10,15 @@ saved to `.npz` gives the same distance as the images it came from.
 from __future__ import annotations
 
 import json
-import os
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from dia_diffusion.errors import first_line
+from dia_diffusion.output_files import write_atomically
 
 STATISTICS_FORMAT = "dia_diffusion.feature_statistics.v1"
 
@@ -70,36 +73,51 @@ class FeatureStatistics:
         path = Path(path)
         if path.suffix != ".npz":
             raise ValueError(f"statistics file must end in .npz, got {str(path)!r}")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(f".{path.name}.{os.getpid()}.partial.npz")
-        np.savez(
-            partial,
-            format=np.array(STATISTICS_FORMAT),
-            count=np.array(self.count, dtype=np.int64),
-            feature_sum=self.feature_sum,
-            outer_product_sum=self.outer_product_sum,
-            metadata=np.array(json.dumps(metadata, sort_keys=True)),
+        write_atomically(
+            path,
+            lambda partial: np.savez(
+                partial,
+                format=np.array(STATISTICS_FORMAT),
+                count=np.array(self.count, dtype=np.int64),
+                feature_sum=self.feature_sum,
+                outer_product_sum=self.outer_product_sum,
+                metadata=np.array(json.dumps(metadata, sort_keys=True)),
+            ),
+            suffix=".npz",  # np.savez would append it
         )
-        os.replace(partial, path)
 
     @classmethod
     def load(cls, path: str | Path) -> tuple[FeatureStatistics, dict[str, Any]]:
-        """Reads a file written by `save`; returns the statistics and their metadata."""
+        """Reads a file written by `save`; returns the statistics and their metadata. Another kind of file, or a
+        damaged one, raises ValueError naming it."""
+        not_statistics = ValueError(
+            f"{str(path)!r} is not a feature statistics file written by `dia-diffusion ref`"
+        )
         try:
-            with np.load(path, allow_pickle=False) as archive:
-                if "format" not in archive or str(archive["format"]) != STATISTICS_FORMAT:
-                    raise ValueError(
-                        f"{str(path)!r} is not a feature statistics file written by `dia-diffusion ref`"
-                    )
+            archive = np.load(path, allow_pickle=False)
+        except ValueError:
+            raise not_statistics from None  # numpy takes anything that is neither .npy nor .npz for a pickle
+        except (OSError, EOFError, zipfile.BadZipFile) as error:
+            raise unreadable(path, error) from None
+        if not isinstance(archive, np.lib.npyio.NpzFile):  # a bare .npy array
+            raise not_statistics
+        with archive:
+            if "format" not in archive.files or str(archive["format"]) != STATISTICS_FORMAT:
+                raise not_statistics
+            try:
                 statistics = cls(
                     int(archive["count"]),
                     np.array(archive["feature_sum"], dtype=np.float64),
                     np.array(archive["outer_product_sum"], dtype=np.float64),
                 )
                 metadata = json.loads(str(archive["metadata"]))
-        except (OSError, KeyError, EOFError) as error:
-            raise ValueError(f"cannot read feature statistics from {str(path)!r}: {error}") from error
+            except (KeyError, OSError, EOFError, ValueError, zipfile.BadZipFile) as error:
+                raise unreadable(path, error) from None
         return statistics, metadata
+
+
+def unreadable(path: str | Path, error: BaseException) -> ValueError:
+    return ValueError(f"cannot read feature statistics from {str(path)!r}: {first_line(error)}")
 
 
 def without_round_off(eigenvalues: np.ndarray) -> np.ndarray:

@@ -1,6 +1,7 @@
 """`dia-diffusion params`: parameter counts of the stock UNet and of every DIA variant for one UNet config."""
 
 import argparse
+import inspect
 import json
 from pathlib import Path
 
@@ -78,10 +79,20 @@ def preset_unet_config(preset: str) -> dict:
 def load_unet_config(path: str) -> dict:
     """A UNet config.json, or a folder holding one (a saved model, or a pipeline folder with unet/)."""
     candidates = [Path(path), Path(path) / "config.json", Path(path) / "unet" / "config.json"]
-    for candidate in candidates:
-        if candidate.is_file():
-            return json.loads(candidate.read_text())
-    raise ValueError(f"--config: no UNet config.json at {path}")
+    file = next((candidate for candidate in candidates if candidate.is_file()), None)
+    if file is None:
+        raise ValueError(f"--config: no UNet config.json at {path}")
+    try:
+        config = json.loads(file.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"--config: {file} is not a JSON file: {error}") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"--config: {file} is not a UNet config (it holds a JSON {type(config).__name__})")
+    accepted = set(inspect.signature(UNet2DModel.__init__).parameters) | set(DIA_ARGUMENTS)
+    unknown = sorted(key for key in config if not key.startswith("_") and key not in accepted)
+    if unknown:
+        raise ValueError(f"--config: {file} is not a UNet config (unknown keys: {', '.join(unknown)})")
+    return config
 
 
 def add_parser(subparsers) -> None:

@@ -3,13 +3,19 @@
 Image i starts from noise drawn by its own CPU `torch.Generator` seeded `seed + i` (the EDM convention), so it is
 the same image whatever the batch size, the number of processes or the device. Generation is split across
 accelerate processes by contiguous index ranges.
+
+A samples folder (numbered PNGs, grid.png, samples.json) is written into a hidden sibling and swapped in whole once
+complete: a failure or Ctrl-C leaves the previous folder as it was, never a folder without its record.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import re
+import shutil
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -18,10 +24,15 @@ import torch
 from diffusers import DDIMPipeline, DDIMScheduler, DDPMPipeline, DDPMScheduler, DiffusionPipeline, UNet2DModel
 from tqdm.auto import tqdm
 
+from dia_diffusion.checkpointing import prepare_staging, staging_path
+from dia_diffusion.errors import first_line
+from dia_diffusion.output_files import check_output_path, replace_folder
+
 SCHEDULERS = ("ddpm", "ddim")
 SAMPLES_RECORD = "samples.json"
 GRID_FILE = "grid.png"
 GRID_MAX_IMAGES = 64
+_SAMPLE_FILE_PATTERN = re.compile(r"\d{6,}\.png")
 
 
 class SamplingError(ValueError):
@@ -38,6 +49,47 @@ def process_state() -> Any:
 
 def sample_file_name(index: int) -> str:
     return f"{index:06d}.png"
+
+
+def is_sample_file(name: str) -> bool:
+    return _SAMPLE_FILE_PATTERN.fullmatch(name) is not None
+
+
+def check_output_folder(output: Path) -> None:
+    """--output may be replaced only when it does not exist or holds nothing but what sample_to_folder writes."""
+    check_output_path(output, "--output", folder=True)
+    if output.is_dir():
+        foreign = sorted(
+            entry.name
+            for entry in output.iterdir()
+            if not (is_sample_file(entry.name) or entry.name in (GRID_FILE, SAMPLES_RECORD))
+        )
+        if foreign:
+            more = f" and {len(foreign) - 1} more" if len(foreign) > 1 else ""
+            raise SamplingError(
+                f"--output '{output}' holds files sample.py does not write ({foreign[0]}{more}), which replacing "
+                "it would delete; choose another folder"
+            )
+
+
+@contextmanager
+def staged_output(output: Path, state: Any) -> Iterator[Path]:
+    """Yields an empty hidden sibling of `output` to write into; when the block completes it replaces `output`
+    (which `check_output_folder` has cleared for replacing), when it fails (an error, Ctrl-C) it is deleted and
+    `output` stays as it was."""
+    target = output.absolute()
+    staging = staging_path(target)
+    try:
+        if state.is_main_process:
+            prepare_staging(target)
+        state.wait_for_everyone()
+        yield staging
+        state.wait_for_everyone()
+        if state.is_main_process:
+            replace_folder(staging, target)
+    finally:
+        if state.is_main_process:
+            shutil.rmtree(staging, ignore_errors=True)
 
 
 def stock_pipeline(unet: UNet2DModel, scheduler_config: dict[str, Any], scheduler: str) -> DiffusionPipeline:
@@ -69,8 +121,7 @@ def load_pipeline(
     try:
         saved = DiffusionPipeline.from_pretrained(model, dtype=dtype)
     except OSError as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise SamplingError(f"--model {str(model)!r} cannot be loaded: {first_line}") from error
+        raise SamplingError(f"--model {str(model)!r} cannot be loaded: {first_line(error)}") from error
     if not hasattr(saved, "unet") or not hasattr(saved, "scheduler"):
         raise SamplingError(
             f"--model {str(model)!r} holds a {type(saved).__name__}, not an unconditional UNet pipeline"
@@ -169,7 +220,8 @@ def sample_to_folder(
     half: bool = False,
     state: Any = None,
 ) -> Path:
-    """Writes output/000000.png … , output/grid.png and output/samples.json (how they were made).
+    """Writes output/000000.png … , output/grid.png and output/samples.json (how they were made), replacing a
+    previous samples folder only once the new one is complete.
 
     `state` is an accelerate Accelerator or PartialState; each process generates a contiguous share of the
     indices, and the main process writes the grid and the record once all shares are on disk.
@@ -181,35 +233,35 @@ def sample_to_folder(
     if half and state.device.type != "cuda":
         raise SamplingError("--half needs a CUDA GPU (half precision is slow or unsupported on the CPU)")
     dtype = torch.float16 if half else torch.float32
-    pipeline = load_pipeline(model, scheduler, dtype).to(state.device)
     output = Path(output)
-    output.mkdir(parents=True, exist_ok=True)
-    if state.is_main_process:
-        # The record is written last, so a stale one never describes a half-rewritten folder.
-        (output / SAMPLES_RECORD).unlink(missing_ok=True)
-
-    with state.split_between_processes(list(range(num_images))) as indices:
-        # The main process's bar counts its own share; the others run the same pace.
-        progress = tqdm(total=len(indices), desc="sampling", unit="img", disable=not state.is_main_process)
-        for batch, images in generate(pipeline, indices, seed, batch_size, num_inference_steps, eta):
-            for index, image in zip(batch, images, strict=True):
-                to_pil(image).save(output / sample_file_name(index))
-            progress.update(len(batch))
-        progress.close()
-    state.wait_for_everyone()
-    if state.is_main_process:
-        save_grid(output, num_images)
-        record = {
-            "model": str(Path(model).resolve()),
-            "scheduler": scheduler,
-            "num_inference_steps": num_inference_steps,
-            "eta": pipeline_eta(pipeline, eta),
-            "seed": seed,
-            "num_images": num_images,
-            "dtype": str(dtype).removeprefix("torch."),
-            "resolution": pipeline.unet.config.sample_size,
-            "channels": pipeline.unet.config.in_channels,
-        }
-        (output / SAMPLES_RECORD).write_text(json.dumps(record, indent=2) + "\n")
+    check_output_folder(output)
+    pipeline = load_pipeline(model, scheduler, dtype).to(state.device)
+    with staged_output(output, state) as staging:
+        with (
+            state.split_between_processes(list(range(num_images))) as indices,
+            # The main process's bar counts its own share; the others run the same pace.
+            tqdm(
+                total=len(indices), desc="sampling", unit="img", disable=not state.is_main_process
+            ) as progress,
+        ):
+            for batch, images in generate(pipeline, indices, seed, batch_size, num_inference_steps, eta):
+                for index, image in zip(batch, images, strict=True):
+                    to_pil(image).save(staging / sample_file_name(index))
+                progress.update(len(batch))
+        state.wait_for_everyone()
+        if state.is_main_process:
+            save_grid(staging, num_images)
+            record = {
+                "model": str(Path(model).resolve()),
+                "scheduler": scheduler,
+                "num_inference_steps": num_inference_steps,
+                "eta": pipeline_eta(pipeline, eta),
+                "seed": seed,
+                "num_images": num_images,
+                "dtype": str(dtype).removeprefix("torch."),
+                "resolution": pipeline.unet.config.sample_size,
+                "channels": pipeline.unet.config.in_channels,
+            }
+            (staging / SAMPLES_RECORD).write_text(json.dumps(record, indent=2) + "\n")
     state.wait_for_everyone()
     return output

@@ -4,19 +4,21 @@
         --num_images 1000 --seed 0 --batch_size 64 --output samples/demo
 
 writes samples/demo/000000.png … 000999.png, grid.png (the first 64) and samples.json (how they were made).
-Image i is seeded seed + i, so it is the same whatever --batch_size or the number of processes;
+They are written aside and replace a previous samples folder only when complete: a failure or Ctrl-C leaves it as
+it was. Image i is seeded seed + i, so it is the same whatever --batch_size or the number of processes;
 `accelerate launch pipelines/sample.py ...` splits the images across processes.
 """
 
 import argparse
 import sys
 
-from dia_diffusion.sampling import SCHEDULERS, SamplingError, process_state, sample_to_folder
+from dia_diffusion.cli import OneLineArgumentParser, run_reporting_errors
+from dia_diffusion.sampling import SCHEDULERS, process_state, sample_to_folder
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    parser = OneLineArgumentParser(
+        prog="sample.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--model", required=True, help="a pipeline folder saved by train/train_ddpm.py")
     parser.add_argument("--scheduler", choices=SCHEDULERS, default="ddim")
@@ -32,26 +34,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    try:
-        output = sample_to_folder(
-            model=args.model,
-            output=args.output,
-            scheduler=args.scheduler,
-            num_inference_steps=args.num_inference_steps,
-            eta=args.eta,
-            num_images=args.num_images,
-            seed=args.seed,
-            batch_size=args.batch_size,
-            half=args.half,
-        )
-    except SamplingError as error:
-        print(f"sample.py: error: {error}", file=sys.stderr)
-        return 2
+def sample(args: argparse.Namespace) -> None:
+    output = sample_to_folder(
+        model=args.model,
+        output=args.output,
+        scheduler=args.scheduler,
+        num_inference_steps=args.num_inference_steps,
+        eta=args.eta,
+        num_images=args.num_images,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        half=args.half,
+    )
     if process_state().is_main_process:
         print(f"wrote {args.num_images} images and {output / 'grid.png'}")
-    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    return run_reporting_errors("sample.py", lambda: sample(args))
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import TINY_GREY_UNET
-from diffusers import DDPMPipeline, DDPMScheduler
+from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 
 from dia_diffusion import DIAUNet2DModel
 from dia_diffusion.cli import main as cli_main
@@ -144,3 +144,29 @@ def test_analyze_correlation_refuses_a_model_without_attention(tmp_path, capsys)
     DDPMPipeline(unet=tiny_model("none"), scheduler=DDPMScheduler()).save_pretrained(tmp_path / "pipe")
     assert cli_main(["analyze-correlation", "--model", str(tmp_path / "pipe"), "--dataset", "digits"]) == 2
     assert "no channel attention" in capsys.readouterr().err
+
+
+def test_analyze_correlation_refuses_a_stock_unet_and_timesteps_the_model_never_saw(tmp_path, capsys):
+    torch.manual_seed(0)
+    stock = UNet2DModel(**TINY_GREY_UNET)
+    DDPMPipeline(unet=stock, scheduler=DDPMScheduler(num_train_timesteps=100)).save_pretrained(
+        tmp_path / "stock"
+    )
+    argv = [
+        "analyze-correlation",
+        "--dataset",
+        "digits",
+        "--num_images",
+        "2",
+        "--out_dir",
+        str(tmp_path / "out"),
+    ]
+    assert cli_main([*argv, "--model", str(tmp_path / "stock")]) == 2
+    assert "holds a UNet2DModel, whose channel attention was never trained" in capsys.readouterr().err
+
+    dia = DDPMPipeline(unet=tiny_model("dia_lstm"), scheduler=DDPMScheduler(num_train_timesteps=100))
+    dia.save_pretrained(tmp_path / "dia")
+    assert cli_main([*argv, "--model", str(tmp_path / "dia"), "--timesteps", "10", "250"]) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "--timesteps 250: the model was trained on timesteps 0 to 99" in error
+    assert not (tmp_path / "out").exists()

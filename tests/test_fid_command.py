@@ -13,12 +13,14 @@ import sys
 import urllib.error
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import TINY_GREY_UNET
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 from torch import nn
 
+from dia_diffusion import frechet
 from dia_diffusion.cli import main as cli_main
 from dia_diffusion.data import load_image_dataset, to_uint8_images
 from dia_diffusion.evaluation import PipelineEvaluator
@@ -312,6 +314,139 @@ def test_a_samples_folder_measures_the_same_as_the_pipeline_it_came_from(
     assert from_folder["fake"]["scheduler"] == "ddpm" and from_folder["fake"]["kind"] == "samples"
 
 
+def test_fid_counts_only_the_recorded_samples_and_refuses_a_folder_without_its_record(
+    pipeline_folder, cache_dir, tmp_path, capsys
+):
+    samples = tmp_path / "samples"
+    sample_to_folder(pipeline_folder, samples, "ddpm", num_inference_steps=2, num_images=6, seed=5)
+    common = ["--real", "digits", "--feature", "classifier", "--cache_dir", str(cache_dir)]
+    assert (
+        fid_json(capsys, "--fake", str(samples), "--num_samples", "100", *common)["fake"]["num_samples"] == 6
+    )
+
+    # Without samples.json the folder would read as an image folder: the grid would count as a seventh sample.
+    (samples / "samples.json").unlink()
+    code, out, err = run_cli(capsys, "fid", "--fake", str(samples), *common)
+    assert code == 2 and out == "" and "no samples.json" in the_error(err)
+
+
+def test_a_damaged_sample_image_is_named(pipeline_folder, cache_dir, tmp_path, capsys):
+    samples = tmp_path / "samples"
+    sample_to_folder(pipeline_folder, samples, "ddpm", num_inference_steps=2, num_images=4)
+    damaged = samples / "000002.png"
+    damaged.write_bytes(damaged.read_bytes()[:60])
+    argv = ["fid", "--real", "digits", "--fake", str(samples), "--feature", "classifier"]
+    code, out, err = run_cli(capsys, *argv, "--cache_dir", str(cache_dir))
+    assert code == 2 and out == "" and f"'{damaged}' is corrupt" in the_error(err)
+
+
+def write_numpy_array(path: Path) -> None:
+    with open(path, "wb") as file:
+        np.save(file, np.zeros(3))
+
+
+def write_cut_statistics(path: Path) -> None:
+    FeatureStatistics.of(np.eye(3)).save(path, {})
+    path.write_bytes(path.read_bytes()[:-40])
+
+
+@pytest.mark.parametrize(
+    ("write", "message"),
+    [
+        (lambda path: path.write_text("not numbers"), "is not a feature statistics file"),
+        (write_numpy_array, "is not a feature statistics file"),
+        (lambda path: np.savez(path, mean=np.zeros(3)), "is not a feature statistics file"),
+        (write_cut_statistics, "cannot read feature statistics"),
+    ],
+    ids=["text", "npy", "other npz", "cut short"],
+)
+def test_a_bad_statistics_file_is_named_in_one_line(tmp_path, capsys, write, message):
+    statistics = tmp_path / "reference.npz"
+    write(statistics)
+    code, out, err = run_cli(
+        capsys, "fid", "--real", str(statistics), "--fake", "digits", "--feature", "classifier"
+    )
+    assert code == 2 and out == ""
+    assert message in the_error(err) and str(statistics) in the_error(err)
+
+
+def test_ref_refuses_an_output_it_cannot_write_before_measuring(tmp_path, capsys):
+    (tmp_path / "taken.npz").mkdir()
+    (tmp_path / "a-file").write_text("")
+    for out, message in (
+        (tmp_path / "taken.npz", "is a folder"),
+        (tmp_path / "a-file" / "ref.npz", "lies under"),
+    ):
+        code, _, err = run_cli(capsys, "ref", "digits", "--out", str(out), "--feature", "classifier")
+        assert code == 2 and message in the_error(err)
+        assert "real images" not in err  # refused before a single image was measured
+
+
+def test_ctrl_c_while_ref_writes_leaves_the_previous_statistics(cache_dir, tmp_path, capsys, monkeypatch):
+    reference = tmp_path / "reference.npz"
+    argv = [
+        "ref",
+        "digits",
+        "--out",
+        str(reference),
+        "--feature",
+        "classifier",
+        "--cache_dir",
+        str(cache_dir),
+    ]
+    assert run_cli(capsys, *argv, "--num_samples", "20")[0] == 0
+    before = reference.read_bytes()
+
+    def interrupted_savez(path, **arrays):
+        Path(path).write_bytes(b"PK half a zip")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(frechet.np, "savez", interrupted_savez)
+    code, out, err = run_cli(capsys, *argv, "--num_samples", "30")
+    assert code == 130, err[-500:]
+    assert err.endswith("dia-diffusion ref: interrupted\n") and "Traceback" not in err
+    assert reference.read_bytes() == before and [path.name for path in tmp_path.iterdir()] == [
+        "reference.npz"
+    ]
+
+
+DIGITS_AGAINST_DIGITS = ("fid", "--real", "digits", "--fake", "digits", "--feature", "classifier")
+
+
+def test_a_damaged_cached_classifier_is_named_with_the_way_out(cache_dir, tmp_path, capsys):
+    cached = next((cache_dir / "classifiers").glob("digits-8-1.pt"))
+    damaged = tmp_path / "classifiers" / cached.name
+    damaged.parent.mkdir()
+    damaged.write_bytes(cached.read_bytes()[:1000])
+    code, out, err = run_cli(capsys, *DIGITS_AGAINST_DIGITS, "--cache_dir", str(tmp_path))
+    assert code == 2 and out == "" and str(damaged) in the_error(err) and "delete it" in the_error(err)
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--batch_size", "0"], "--batch_size must be positive"),
+        (["--resolution", "0"], "--resolution must be positive"),
+        (["--fake", "one image"], "holds 1 image; a covariance needs at least 2"),
+    ],
+    ids=["batch size", "resolution", "one image"],
+)
+def test_values_no_distance_can_come_from_are_named(cache_dir, tmp_path, capsys, flags, message):
+    digits_folder(tmp_path / "one image", "test", 1)
+    flags = [str(tmp_path / flag) if flag == "one image" else flag for flag in flags]
+    code, out, err = run_cli(capsys, *DIGITS_AGAINST_DIGITS, "--cache_dir", str(cache_dir), *flags)
+    assert code == 2 and out == "" and message in the_error(err)
+
+
+def test_a_bad_flag_is_one_line(capsys):
+    with pytest.raises(SystemExit) as exit_request:
+        cli_main(["fid", "--real", "digits"])
+    assert exit_request.value.code == 2
+    assert (
+        capsys.readouterr().err == "dia-diffusion fid: error: the following arguments are required: --fake\n"
+    )
+
+
 def test_text_output_names_the_metric_and_the_classifier_accuracy(cache_dir, capsys):
     argv = ["fid", "--real", "digits", "--fake", "digits", "--split", "test", "--feature", "classifier"]
     code, out, err = run_cli(capsys, *argv, "--cache_dir", str(cache_dir), "--num_samples", "100")
@@ -331,6 +466,42 @@ def test_a_reference_of_another_geometry_is_refused(tiny_dinov2, tmp_path, capsy
     )
     assert code != 0 and out == ""
     assert "16px" in the_error(err) and "8px" in the_error(err)
+
+
+def digits_folder(folder: Path, split: str, count: int, size: int = 8, mode: str = "L") -> Path:
+    """`count` digits of `split` as PNGs of size x size pixels in `mode`, in one folder (no labels)."""
+    folder.mkdir(parents=True)
+    for index, image in enumerate(load_image_dataset("digits", split=split)[:count]["image"]):
+        image.resize((size, size)).convert(mode).save(folder / f"{index}.png")
+    return folder
+
+
+def test_classifier_features_use_the_labelled_side_and_swapping_the_sides_changes_nothing(
+    cache_dir, tmp_path, capsys
+):
+    unlabelled = str(digits_folder(tmp_path / "unlabelled", "test", 40))
+    common = ["--feature", "classifier", "--cache_dir", str(cache_dir), "--num_samples", "40"]
+    forward = fid_json(capsys, "--real", "digits", "--fake", unlabelled, *common)
+    swapped = fid_json(capsys, "--real", unlabelled, "--fake", "digits", *common)
+    for result in (forward, swapped):
+        assert result["feature_extractor"]["dataset"] == "digits"
+        assert (result["resolution"], result["channels"]) == (8, 1)
+    assert swapped["fd_classifier"] == pytest.approx(forward["fd_classifier"], rel=1e-9)
+    assert forward["fd_classifier"] > 0
+
+
+def test_the_image_geometry_comes_from_the_real_side(tiny_dinov2, tmp_path, capsys):
+    grey_8 = str(digits_folder(tmp_path / "grey-8", "train", 6))
+    rgb_12 = str(digits_folder(tmp_path / "rgb-12", "test", 6, size=12, mode="RGB"))
+    common = ["--feature", "dinov2", "--dinov2_model", str(tiny_dinov2), "--num_samples", "6"]
+    forward = fid_json(capsys, "--real", grey_8, "--fake", rgb_12, *common)
+    swapped = fid_json(capsys, "--real", rgb_12, "--fake", grey_8, *common)
+    assert (forward["resolution"], forward["channels"]) == (8, 1)
+    assert (swapped["resolution"], swapped["channels"]) == (12, 3)
+    pinned = fid_json(
+        capsys, "--real", rgb_12, "--fake", grey_8, "--resolution", "8", "--channels", "1", *common
+    )
+    assert pinned["fd_dinov2"] == pytest.approx(forward["fd_dinov2"], rel=1e-6)
 
 
 def test_classifier_features_without_a_labelled_dataset_are_refused(pipeline_folder, tmp_path, capsys):

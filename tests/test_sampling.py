@@ -11,7 +11,7 @@ import torch
 from conftest import TINY_GREY_UNET
 from diffusers import DDIMPipeline, DDPMPipeline, DDPMScheduler, UNet2DModel
 
-from dia_diffusion import DIAUNet2DModel
+from dia_diffusion import DIAUNet2DModel, sampling
 from dia_diffusion.sampling import SamplingError, generate, load_pipeline, stock_pipeline
 
 SAMPLE_SCRIPT = Path(__file__).resolve().parents[1] / "pipelines" / "sample.py"
@@ -138,3 +138,86 @@ def test_unknown_scheduler_is_refused(pipeline_folder):
     pipeline = load_pipeline(pipeline_folder, "ddpm")
     with pytest.raises(SamplingError, match="--scheduler"):
         stock_pipeline(pipeline.unet, pipeline.scheduler.config, "euler")
+
+
+def folder_contents(folder: Path) -> dict[str, bytes]:
+    return {str(path.relative_to(folder)): path.read_bytes() for path in folder.rglob("*") if path.is_file()}
+
+
+def failing_after_first_batch(error: BaseException):
+    """A stand-in for `generate` that yields its first batch, then fails as a crash or Ctrl-C would."""
+
+    def generate_then_fail(*args, **kwargs):
+        batches = generate(*args, **kwargs)
+        yield next(batches)
+        raise error
+
+    return generate_then_fail
+
+
+def test_a_rerun_that_fails_midway_leaves_the_previous_samples_intact(
+    pipeline_folder, tmp_path, capsys, monkeypatch
+):
+    output = tmp_path / "samples"
+    argv = [
+        "--model",
+        str(pipeline_folder),
+        "--num_inference_steps",
+        "2",
+        "--batch_size",
+        "2",
+        "--output",
+        str(output),
+    ]
+    assert sample_script().main([*argv, "--num_images", "5"]) == 0
+    before = folder_contents(output)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(sampling, "generate", failing_after_first_batch(RuntimeError("CUDA out of memory")))
+        with pytest.raises(RuntimeError, match="out of memory"):
+            sampling.sample_to_folder(pipeline_folder, output, num_inference_steps=2, num_images=4, seed=3)
+        patch.setattr(sampling, "generate", failing_after_first_batch(KeyboardInterrupt()))
+        capsys.readouterr()
+        assert sample_script().main([*argv, "--num_images", "4", "--seed", "3"]) == 130
+        error = capsys.readouterr().err
+        assert error.endswith("\nsample.py: interrupted\n") and "Traceback" not in error
+    assert folder_contents(output) == before
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["samples"]  # no staging folder left behind
+
+    # A complete re-run replaces the whole folder: no image of the longer first run is left over.
+    assert sample_script().main([*argv, "--num_images", "3"]) == 0
+    assert sorted(folder_contents(output)) == [
+        "000000.png",
+        "000001.png",
+        "000002.png",
+        "grid.png",
+        "samples.json",
+    ]
+    assert json.loads((output / "samples.json").read_text())["num_images"] == 3
+
+
+def test_an_output_holding_other_files_or_a_file_is_refused_untouched(pipeline_folder, tmp_path, capsys):
+    before = folder_contents(pipeline_folder)
+    argv = ["--model", str(pipeline_folder), "--num_inference_steps", "2", "--num_images", "2"]
+    assert sample_script().main([*argv, "--output", str(pipeline_folder)]) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "model_index.json" in error and "choose another folder" in error
+    assert folder_contents(pipeline_folder) == before
+
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("keep me")
+    assert sample_script().main([*argv, "--output", str(a_file)]) == 2
+    assert "is a file" in capsys.readouterr().err and a_file.read_text() == "keep me"
+    assert sample_script().main([*argv, "--output", str(a_file / "samples")]) == 2
+    assert "lies under" in capsys.readouterr().err
+
+
+def test_a_damaged_model_folder_is_named_in_one_line(tmp_path, capsys):
+    model = save_tiny_pipeline(tmp_path / "model")
+    weights = model / "unet" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:500])
+    argv = ["--model", str(model), "--num_inference_steps", "2", "--output", str(tmp_path / "samples")]
+    assert sample_script().main(argv) == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith(f"sample.py: error: --model '{model}' cannot be loaded") and str(weights) in error
+    assert not (tmp_path / "samples").exists()

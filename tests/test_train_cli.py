@@ -77,6 +77,17 @@ def corrupt_image_folder(root: Path) -> Path:
     return root
 
 
+def truncated_jpeg_folder(root: Path) -> Path:
+    """Whole JPEGs and one cut short: PIL's structure check passes it, decoding it fails."""
+    root.mkdir(parents=True)
+    noise = np.random.default_rng(0).integers(0, 256, size=(32, 32, 3), dtype=np.uint8)
+    for index in range(3):
+        PIL.Image.fromarray(noise).save(root / f"whole-{index}.jpg")
+    whole = (root / "whole-0.jpg").read_bytes()
+    (root / "cut.jpg").write_bytes(whole[: len(whole) // 2])
+    return root
+
+
 def saved_dataset_with_img_column(root: Path) -> Path:
     images = [PIL.Image.fromarray(np.full((8, 8), 10 * index, dtype=np.uint8)) for index in range(4)]
     features = datasets.Features({"img": datasets.Image()})
@@ -111,6 +122,10 @@ BAD_INPUTS = {
     ),
     "empty folder": (lambda tmp: ["--dataset", str((tmp / "empty").resolve())], "contains no image files"),
     "corrupt image": (lambda tmp: ["--dataset", str(corrupt_image_folder(tmp / "images"))], "broken.png"),
+    "truncated jpeg": (
+        lambda tmp: ["--dataset", str(truncated_jpeg_folder(tmp / "photos")), "--train_batch_size", "2"],
+        "cut.jpg' is corrupt",
+    ),
     "unknown preset": (lambda tmp: ["--preset", "cifar100-ddpm"], "unknown --preset 'cifar100-ddpm'"),
     "hub dataset offline": (lambda tmp: ["--dataset", "someone/some-images"], "cannot be loaded"),
     "image column not found": (

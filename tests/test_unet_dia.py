@@ -370,3 +370,15 @@ def test_params_command_prints_stock_and_dia_counts(capsys, tmp_path):
     assert cli_main(["params", "--config", str(tmp_path / "model"), "--json"]) == 0
     tiny_rows = json.loads(capsys.readouterr().out)
     assert tiny_rows[0]["parameters"] == count_parameters(UNet2DModel(**tiny_config()))
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [("{", "is not a JSON file"), ("[1, 2]", "holds a JSON list"), ('{"blocks": 3}', "unknown keys: blocks")],
+)
+def test_params_names_a_config_that_is_not_a_unet_config(capsys, tmp_path, content, message):
+    config = tmp_path / "config.json"
+    config.write_text(content)
+    assert cli_main(["params", "--config", str(config)]) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and str(config) in error and message in error
