@@ -25,6 +25,7 @@ from accelerate.utils import RNG_STATE_NAME
 
 from dia_diffusion.folder_lock import LOCK_FILENAME, FolderLock, lock_folder
 from dia_diffusion.interruption import deferred_interruption
+from dia_diffusion.output_files import replace_folder
 
 CHECKPOINTS_DIRNAME = "checkpoints"
 RUN_RECORD_FILENAME = "training_config.json"
@@ -76,15 +77,8 @@ def publish_checkpoint(
     if record is not None:
         write_run_record(staging, record)
     (staging / CHECKPOINT_STEP_FILENAME).write_text(json.dumps({"global_step": step}) + "\n")
-    if final_path.exists():
-        # A run resumed from an earlier checkpoint reaches this step again: swap, never leave a gap or a mix.
-        discard = final_path.with_name(_DISCARD_PREFIX + final_path.name)
-        shutil.rmtree(discard, ignore_errors=True)
-        os.rename(final_path, discard)
-        os.rename(staging, final_path)
-        shutil.rmtree(discard)
-    else:
-        os.rename(staging, final_path)
+    # A run resumed from an earlier checkpoint reaches this step again: swap, never leave a gap or a mix.
+    replace_folder(staging, final_path)
 
 
 def save_checkpoint(
