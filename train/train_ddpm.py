@@ -25,6 +25,7 @@ from dia_diffusion.checkpointing import (
     RunIdentityError,
     find_latest_checkpoint,
 )
+from dia_diffusion.cli import EXIT_BAD_INPUT, OneLineArgumentParser
 from dia_diffusion.data import DatasetSpecError
 from dia_diffusion.folder_lock import FolderInUseError
 from dia_diffusion.initial_weights import InitialUNetError
@@ -33,7 +34,6 @@ from dia_diffusion.presets import PRESETS, UNET_VARIANTS
 from dia_diffusion.training import NonFiniteLossError, train
 from dia_diffusion.training_config import TrainingConfigError, resolve_config
 
-EXIT_BAD_INPUT = 2
 EXIT_TRAINING_FAILED = 1
 BAD_INPUT_ERRORS = (
     DatasetSpecError,
@@ -44,13 +44,6 @@ BAD_INPUT_ERRORS = (
     FolderInUseError,
     InitialUNetError,
 )
-
-
-class OneLineArgumentParser(argparse.ArgumentParser):
-    """Reports a bad flag in one line, like every other input error of this script."""
-
-    def error(self, message: str) -> None:
-        self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message}\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
