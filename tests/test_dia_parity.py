@@ -17,8 +17,17 @@ LAYOUTS = {
     "centered_fourier": tiny_config(center_input_sample=True, time_embedding_type="fourier"),
     "class_embedding": tiny_config(num_class_embeds=10),
     "timestep_class_embedding": tiny_config(class_embed_type="timestep"),
+    "identity_class_embedding": tiny_config(class_embed_type="identity"),
+    "learned_time_scaled_mid": tiny_config(
+        time_embedding_type="learned", num_train_timesteps=1000, mid_block_scale_factor=2.0
+    ),
 }
-CLASS_LABELS = {"class_embedding": torch.tensor([3, 7]), "timestep_class_embedding": torch.tensor([10, 900])}
+CLASS_LABELS = {
+    "class_embedding": torch.tensor([3, 7]),
+    "timestep_class_embedding": torch.tensor([10, 900]),
+    # An embedding given as is: float32 whatever the model's dtype (time embedding width = 4 x 16).
+    "identity_class_embedding": torch.randn(2, 64, generator=torch.Generator().manual_seed(0)),
+}
 TIMESTEPS = {
     "per_image": torch.tensor([3, 700]),
     "one_for_all": torch.tensor([250]),
@@ -36,8 +45,10 @@ def stock_and_twin(layout: str, dtype: torch.dtype = torch.float32) -> tuple[UNe
     return stock, twin
 
 
-def both_outputs(first: UNet2DModel, second: UNet2DModel, layout: str, timestep, dtype=torch.float32):
-    sample, _ = inputs()
+def both_outputs(
+    first: UNet2DModel, second: UNet2DModel, layout: str, timestep, dtype=torch.float32, batch=2
+):
+    sample, _ = inputs(batch)
     sample = sample.to(dtype)
     with torch.no_grad():
         return [model(sample, timestep, CLASS_LABELS.get(layout)).sample for model in (first, second)]
@@ -47,6 +58,21 @@ def both_outputs(first: UNet2DModel, second: UNet2DModel, layout: str, timestep,
 def test_none_attention_is_the_stock_unet_exactly(layout):
     stock, twin = stock_and_twin(layout)
     expected, output = both_outputs(stock, twin, layout, torch.tensor([3, 700]))
+    assert torch.equal(output, expected)
+
+
+def test_none_attention_is_the_stock_unet_exactly_in_bfloat16():
+    stock, twin = stock_and_twin("identity_class_embedding", torch.bfloat16)
+    expected, output = both_outputs(
+        stock, twin, "identity_class_embedding", torch.tensor([3, 700]), torch.bfloat16
+    )
+    assert output.dtype == torch.bfloat16 and torch.equal(output, expected)
+
+
+def test_none_attention_is_the_stock_unet_exactly_for_a_batch_of_64():
+    # From 64 images on, a resnet upsampler makes its inputs contiguous first (a diffusers workaround).
+    stock, twin = stock_and_twin("all_blocks")
+    expected, output = both_outputs(stock, twin, "all_blocks", torch.tensor(250), batch=64)
     assert torch.equal(output, expected)
 
 
@@ -64,8 +90,12 @@ def test_none_attention_takes_every_timestep_form_the_stock_unet_takes(timestep)
 @pytest.mark.parametrize(
     "layout,class_labels,message",
     [
-        ("class_embedding", None, "class_labels should be provided when doing class conditioning"),
-        ("all_blocks", torch.tensor([1, 2]), "class_embedding needs to be initialized"),
+        ("class_embedding", None, "^class_labels should be provided when doing class conditioning$"),
+        (
+            "all_blocks",
+            torch.tensor([1, 2]),
+            "^class_embedding needs to be initialized in order to use class conditioning$",
+        ),
     ],
 )
 def test_class_label_errors_are_the_stock_errors(layout, class_labels, message):
@@ -97,8 +127,22 @@ def test_a_retrofit_keeps_the_stock_unets_dtype():
     assert torch.equal(output, expected)
 
 
+@pytest.mark.parametrize("unet_class", [UNet2DModel, DIAUNet2DModel])
+def test_from_pretrained_loads_a_pipelines_unet_subfolder_exactly(unet_class, tmp_path):
+    # A stock checkpoint is retrofitted on the way in; a DIA checkpoint is loaded as it was saved.
+    torch.manual_seed(0)
+    saved = unet_class(**ALL_BLOCKS_CONFIG).eval()
+    saved.save_pretrained(tmp_path / "unet")
+    loaded = DIAUNet2DModel.from_pretrained(tmp_path, subfolder="unet").eval()
+    assert type(loaded) is DIAUNet2DModel
+    expected, output = both_outputs(saved, loaded, "all_blocks", torch.tensor([3, 700]))
+    assert torch.equal(output, expected)
+
+
 def test_a_retrofit_refuses_a_dia_unet():
-    with pytest.raises(ValueError, match="already has DIA"):
+    with pytest.raises(
+        ValueError, match="^from_unet expects a stock UNet2DModel; this model already has DIA$"
+    ):
         DIAUNet2DModel.from_unet(DIAUNet2DModel(**tiny_config()))
 
 

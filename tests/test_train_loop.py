@@ -398,6 +398,7 @@ def test_the_loss_regresses_the_target_of_the_prediction_type(prediction_type):
         seen.update(noisy=noisy, timesteps=timesteps)
         return SimpleNamespace(sample=prediction)
 
+    torch.manual_seed(0)  # the noise and timesteps come from the global stream
     loss = diffusion_loss(unet, scheduler, clean)
     timesteps = seen["timesteps"]
     assert timesteps.min() == 0 and timesteps.max() == steps - 1

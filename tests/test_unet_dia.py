@@ -230,30 +230,48 @@ def test_every_option_combination_builds_and_runs(attention, sharing, gate):
         ("dia_reduction", 0),
         ("dia_reduction", 2.5),
         ("dia_hidden_channels", -8),
+        ("dia_hidden_channels", 2.5),
         ("dia_gate", "tanh"),
     ],
 )
 def test_invalid_dia_argument_is_refused_by_name(argument, value):
-    with pytest.raises(ValueError, match=argument):
+    with pytest.raises(ValueError, match=f"^{argument} must be"):
         build(**{argument: value})
 
 
-def test_hidden_channels_only_applies_to_the_global_module():
-    assert build(dia_hidden_channels=24).channel_attention.cells["shared"].channels == 24
-    with pytest.raises(ValueError, match="dia_hidden_channels"):
-        build(dia_hidden_channels=24, dia_sharing="per_width")
+def test_the_smallest_valid_dia_arguments_are_accepted():
+    assert build(dia_reduction=1).channel_attention.cells["shared"].input_map[0].out_features == 16
+    assert build(dia_hidden_channels=1).channel_attention.cells["shared"].channels == 1
+
+
+@pytest.mark.parametrize("attention", ["dia_lstm", "se_shared"])
+def test_hidden_channels_only_applies_to_the_global_module(attention):
+    assert (
+        build(dia_attention=attention, dia_hidden_channels=24).channel_attention.cells["shared"].channels
+        == 24
+    )
+    with pytest.raises(ValueError, match="^dia_hidden_channels sets the width of the globally shared module"):
+        build(dia_attention=attention, dia_hidden_channels=24, dia_sharing="per_width")
 
 
 @pytest.mark.parametrize(
-    "argument,block_type",
+    "argument,value,refused",
     [
-        ("down_block_types", ("SkipDownBlock2D", "DownBlock2D")),
-        ("up_block_types", ("UpBlock2D", "AttnSkipUpBlock2D")),
+        ("down_block_types", ("SkipDownBlock2D", "DownBlock2D"), "SkipDownBlock2D"),
+        ("up_block_types", ("UpBlock2D", "AttnSkipUpBlock2D"), "AttnSkipUpBlock2D"),
+        ("mid_block_type", "UNetMidBlock2DCrossAttn", "UNetMidBlock2DCrossAttn"),
     ],
 )
-def test_unsupported_block_type_is_refused_by_name(argument, block_type):
-    with pytest.raises(ValueError, match=block_type[0] if "Skip" in block_type[0] else block_type[1]):
-        build(**{argument: block_type})
+def test_unsupported_block_type_is_refused_by_name(argument, value, refused):
+    with pytest.raises(
+        ValueError, match=f"^{argument}: block type '{refused}' is not supported by DIAUNet2DModel"
+    ):
+        build(**{argument: value})
+
+
+def test_an_unsupported_time_scale_shift_is_refused_by_name():
+    with pytest.raises(ValueError, match="^resnet_time_scale_shift must be 'default' or 'scale_shift'"):
+        build(resnet_time_scale_shift="spatial")
 
 
 @pytest.mark.parametrize(
