@@ -2,12 +2,21 @@
 PYTHON ?= python3
 VENV := .venv
 INSTALLED := $(VENV)/.installed
+MUTATION_INSTALLED := $(VENV)/.mutation-installed
+# What `make mutation` mutates (mutmut's mutant names): the DIA modules and the training step's parts.
+MUTATION_TARGETS := "dia_diffusion.dia_cell.*" "dia_diffusion.channel_attention.*" "dia_diffusion.unet_dia.*" \
+	"dia_diffusion.training.x_diffusion_loss*" "dia_diffusion.training.x_random_horizontal_flip*" \
+	"dia_diffusion.training.x_training_step*"
 
-.PHONY: install test demo lint format
+.PHONY: install test demo lint format mutation
 
 $(INSTALLED): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet -c constraints.txt -e ".[test]"
+	touch $@
+
+$(MUTATION_INSTALLED): $(INSTALLED)
+	$(VENV)/bin/pip install --quiet -c constraints.txt -e ".[test,mutation]"
 	touch $@
 
 install: $(INSTALLED)
@@ -25,3 +34,14 @@ lint: $(INSTALLED)
 format: $(INSTALLED)
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
+
+# Mutation testing (slow; not part of `make test`), see docs/testing.md: each module's score, then every mutant not
+# killed. The run's log and the full results stay in mutants/.
+mutation: $(MUTATION_INSTALLED)
+	mkdir -p mutants
+	OMP_NUM_THREADS=1 $(VENV)/bin/mutmut run $(MUTATION_TARGETS) > mutants/run.log
+	$(VENV)/bin/mutmut results --all true | grep -v ": not checked$$" > mutants/results.txt
+	awk '{ split($$1, name, "."); total[name[2]]++; if ($$NF == "killed" || $$NF == "timeout") killed[name[2]]++ } \
+		END { for (m in total) printf "%-18s %4d / %4d killed (%.1f %%)\n", m, killed[m], total[m], \
+		100 * killed[m] / total[m] }' mutants/results.txt | sort
+	grep -v -e ": killed$$" -e ": timeout$$" mutants/results.txt || true

@@ -1,5 +1,6 @@
 """Fixtures shared by several test files."""
 
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -36,13 +37,57 @@ def tiny_dataset(tmp_path_factory) -> str:
     return save_tiny_dataset(tmp_path_factory.mktemp("data") / "digits24")
 
 
-@pytest.fixture
-def isolated_run():
-    """Fresh accelerate singletons for each training run in this process, and one thread: the tiny test models gain
-    nothing from a second thread, and oversubscribed threads slow them down many times over."""
+def tiny_config(**overrides) -> dict:
+    """A 16x16 RGB UNet with an attention level, for model tests; keyword arguments override its settings."""
+    config = dict(
+        sample_size=16,
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        norm_num_groups=4,
+        attention_head_dim=8,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+    )
+    config.update(overrides)
+    return config
+
+
+# Every block type built from plain ResnetBlock2D, with resnet up/downsamplers as well.
+ALL_BLOCKS_CONFIG = tiny_config(
+    block_out_channels=(16, 24, 32),
+    down_block_types=("ResnetDownsampleBlock2D", "AttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "AttnUpBlock2D", "ResnetUpsampleBlock2D"),
+    downsample_type="resnet",
+    upsample_type="resnet",
+    resnet_time_scale_shift="scale_shift",
+)
+
+
+def inputs(batch: int = 2, size: int = 16, seed: int = 0, channels: int = 3):
+    """A noisy sample and a timestep per image."""
+    generator = torch.Generator().manual_seed(seed)
+    sample = torch.randn(batch, channels, size, size, generator=generator)
+    timestep = torch.randint(0, 1000, (batch,), generator=generator)
+    return sample, timestep
+
+
+@contextmanager
+def isolated_accelerate():
+    """Fresh accelerate singletons after a training run in this process, and one thread during it: the tiny test
+    models gain nothing from a second thread, and oversubscribed threads slow them down many times over."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+
+
+@pytest.fixture
+def isolated_run():
+    with isolated_accelerate():
+        yield

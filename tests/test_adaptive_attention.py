@@ -5,8 +5,9 @@ guarantees every DIA option keeps (retrofit parity, checkpointing, compile, grad
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import ALL_BLOCKS_CONFIG, inputs, tiny_config
 from diffusers import UNet2DModel
-from test_unet_dia import ALL_BLOCKS_CONFIG, build, inputs, loss_and_gradients, tiny_config
+from test_unet_dia import build, loss_and_gradients
 
 from dia_diffusion import DIAUNet2DModel
 from dia_diffusion.channel_attention import ChannelAttention, ResnetSite

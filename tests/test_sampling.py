@@ -12,7 +12,14 @@ from conftest import TINY_GREY_UNET
 from diffusers import DDIMPipeline, DDPMPipeline, DDPMScheduler, UNet2DModel
 
 from dia_diffusion import DIAUNet2DModel, sampling
-from dia_diffusion.sampling import SamplingError, generate, load_pipeline, stock_pipeline
+from dia_diffusion.sampling import (
+    SamplingError,
+    generate,
+    load_pipeline,
+    sample_to_folder,
+    stock_pipeline,
+    to_uint8,
+)
 
 SAMPLE_SCRIPT = Path(__file__).resolve().parents[1] / "pipelines" / "sample.py"
 
@@ -109,6 +116,25 @@ def test_a_dia_unet_pipeline_samples_through_the_stock_pipeline(tmp_path):
     assert isinstance(pipeline.unet, DIAUNet2DModel)
     images = images_by_index(pipeline, range(2), batch_size=2)
     assert images[0].shape == (1, 8, 8)
+
+
+@pytest.mark.parametrize("scheduler", ["ddpm", "ddim"])
+def test_image_i_of_a_dia_model_is_the_one_image_pipeline_run_seeded_seed_plus_i(tmp_path, scheduler):
+    folder = save_tiny_pipeline(tmp_path / "dia", DIAUNet2DModel)
+    output = tmp_path / "samples"
+    sample_to_folder(folder, output, scheduler, num_inference_steps=2, num_images=3, seed=7, batch_size=3)
+    pipeline = load_pipeline(folder, scheduler)
+    for index in range(3):
+        alone = pipeline(
+            batch_size=1,
+            generator=torch.Generator().manual_seed(7 + index),
+            num_inference_steps=2,
+            output_type="pt",
+        ).images
+        written = np.asarray(PIL.Image.open(output / f"{index:06d}.png"))
+        assert np.array_equal(written, to_uint8(alone)[0, 0].numpy()), (
+            f"image {index} is not seeded {7 + index}"
+        )
 
 
 @pytest.mark.parametrize(
