@@ -33,7 +33,7 @@ def succeeded(result: subprocess.CompletedProcess) -> str:
 def test_cost_quick_prints_ratios_to_stock_last(tmp_path):
     out = tmp_path / "cost.json"
     stdout = succeeded(run_benchmark(
-        "cost.py", "--quick", "--variants", "stock", "dia_lstm/global", "--rounds", "1", "--sampling_rounds", "1",
+        "cost.py", "--quick", "--variants", "stock", "dia_lstm/global", "--rounds", "3", "--sampling_rounds", "1",
         "--ddim_steps", "2", "--warmup", "0", "--json_out", str(out),
     ))  # fmt: skip
     ratios = json.loads(stdout.strip().splitlines()[-1])
@@ -43,7 +43,16 @@ def test_cost_quick_prints_ratios_to_stock_last(tmp_path):
     assert ratios["dia_lstm/global"]["parameters"] == pytest.approx(dia["parameters"] / stock["parameters"])
     # The shared attention module adds parameters and saved activations; the times are positive measurements.
     assert dia["parameters"] > stock["parameters"] and dia["memory_bytes"] > stock["memory_bytes"]
-    assert all(value > 0 for value in ratios["dia_lstm/global"].values())
+    # Each round's ratio compares that round's steps; the spread summarises them, in wall and CPU time.
+    for clock in ("", "_cpu"):
+        per_round = [
+            mine / theirs
+            for mine, theirs in zip(dia[f"train_step_rounds{clock}_s"], stock[f"train_step_rounds{clock}_s"])
+        ]
+        spread = ratios["dia_lstm/global"][f"train_step_time{clock}_per_round"]
+        assert len(per_round) == 3 and spread["min"] == min(per_round) and spread["max"] == max(per_round)
+        assert spread["min"] <= spread["q1"] <= spread["median"] <= spread["q3"] <= spread["max"]
+        assert spread["median"] == pytest.approx(sorted(per_round)[1])
 
 
 def test_cost_needs_the_stock_baseline():
