@@ -189,6 +189,12 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads (default: torch's); 1 on a machine shared with other jobs",
+    )
     parser.add_argument("--compile", action="store_true", help="torch.compile every model")
     parser.add_argument("--channels_last", action="store_true")
     parser.add_argument(
@@ -209,6 +215,8 @@ def main() -> None:
     args.rounds = args.rounds or (20 if args.quick else 10)
     args.sampling_rounds = args.sampling_rounds or (3 if args.quick else 2)
     torch.backends.cudnn.benchmark = on_gpu
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     results = measure(args)
     machine = (
