@@ -4,9 +4,12 @@
     python benchmarks/cost.py                  # the DDPM CIFAR-10 config (35.7 M parameters)
     python benchmarks/cost.py --device cuda --dtype bfloat16 --compile --channels_last   # on a GPU
 
-Every variant is timed once per round and the rounds repeat, so drifts in machine load hit all variants alike;
-the report gives medians over rounds and ratios to the stock UNet. Memory is the CUDA peak on a GPU; on the CPU it is
-the bytes of activations saved for the backward pass (the part of training memory that attention changes).
+Every variant is timed once per round, in an order that reverses from round to round, and the rounds repeat, so
+drifts in machine load hit all variants alike. The report gives medians over rounds and, for the training step, the
+spread of the per-round ratios to the stock UNet (median, quartiles, min-max): each round's ratio compares steps taken
+seconds apart. On the CPU the step is also timed in process CPU seconds, which a machine shared with other jobs
+disturbs less than wall time. Memory is the CUDA peak on a GPU; on the CPU it is the bytes of activations saved for
+the backward pass (the part of training memory that attention changes).
 The last line printed is one JSON object of ratios.
 """
 
@@ -90,13 +93,13 @@ def measure(args) -> dict:
     if args.channels_last:
         batch = batch.to(memory_format=torch.channels_last)
 
-    models, optimizers, step_times, sample_rates, results = {}, {}, {}, {}, {}
+    models, optimizers, step_times, step_cpu_times, sample_rates, results = {}, {}, {}, {}, {}, {}
     for variant in args.variants:
         model, _ = build(variant, config, device, dtype, args.channels_last)
         models[variant] = torch.compile(model) if args.compile else model
         optimizers[variant] = torch.optim.AdamW(model.parameters(), lr=1e-4)
         results[variant] = {"parameters": count_parameters(model)}
-        step_times[variant], sample_rates[variant] = [], []
+        step_times[variant], step_cpu_times[variant], sample_rates[variant] = [], [], []
         for _ in range(args.warmup):
             train_step(models[variant], optimizers[variant], batch, timesteps, dtype)
         if device.type == "cuda":
@@ -106,13 +109,14 @@ def measure(args) -> dict:
         else:
             results[variant]["memory_bytes"] = saved_activation_bytes(model, batch, timesteps, dtype)
 
-    for _ in range(args.rounds):
-        for variant in args.variants:
+    for round_index in range(args.rounds):
+        for variant in args.variants if round_index % 2 == 0 else args.variants[::-1]:
             synchronize(device)
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             train_step(models[variant], optimizers[variant], batch, timesteps, dtype)
             synchronize(device)
             step_times[variant].append(time.perf_counter() - start)
+            step_cpu_times[variant].append(time.process_time() - start_cpu)
 
     for _ in range(args.sampling_rounds):
         for variant in args.variants:
@@ -133,22 +137,48 @@ def measure(args) -> dict:
 
     for variant in args.variants:
         results[variant]["train_step_s"] = statistics.median(step_times[variant])
+        results[variant]["train_step_rounds_s"] = step_times[variant]
+        if device.type == "cpu":
+            results[variant]["train_step_cpu_s"] = statistics.median(step_cpu_times[variant])
+            results[variant]["train_step_rounds_cpu_s"] = step_cpu_times[variant]
         results[variant]["ddim_images_per_s"] = statistics.median(sample_rates[variant])
     return results
 
 
+def spread(values: list[float]) -> dict[str, float]:
+    """Median, quartiles and range of a sample (the quartiles of one value are that value)."""
+    quartiles = statistics.quantiles(values, n=4, method="inclusive") if len(values) > 1 else values * 3
+    return {
+        "median": quartiles[1],
+        "q1": quartiles[0],
+        "q3": quartiles[2],
+        "min": min(values),
+        "max": max(values),
+    }
+
+
 def ratios(results: dict) -> dict:
     stock = results["stock"]
-    return {
-        variant: {
+    table = {}
+    for variant, row in results.items():
+        if variant == "stock":
+            continue
+        table[variant] = {
             "parameters": row["parameters"] / stock["parameters"],
             "train_step_time": row["train_step_s"] / stock["train_step_s"],
             "memory": row["memory_bytes"] / stock["memory_bytes"],
             "ddim_throughput": row["ddim_images_per_s"] / stock["ddim_images_per_s"],
         }
-        for variant, row in results.items()
-        if variant != "stock"
-    }
+        for clock in ("", "_cpu"):
+            if f"train_step_rounds{clock}_s" in row:
+                per_round = [
+                    mine / theirs
+                    for mine, theirs in zip(
+                        row[f"train_step_rounds{clock}_s"], stock[f"train_step_rounds{clock}_s"]
+                    )
+                ]
+                table[variant][f"train_step_time{clock}_per_round"] = spread(per_round)
+    return table
 
 
 def main() -> None:
@@ -159,6 +189,12 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads (default: torch's); 1 on a machine shared with other jobs",
+    )
     parser.add_argument("--compile", action="store_true", help="torch.compile every model")
     parser.add_argument("--channels_last", action="store_true")
     parser.add_argument(
@@ -179,6 +215,8 @@ def main() -> None:
     args.rounds = args.rounds or (20 if args.quick else 10)
     args.sampling_rounds = args.sampling_rounds or (3 if args.quick else 2)
     torch.backends.cudnn.benchmark = on_gpu
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     results = measure(args)
     machine = (
@@ -191,13 +229,23 @@ def main() -> None:
         f"batch {args.batch_size}; dtype {args.dtype}; compile {args.compile}; channels_last {args.channels_last}"
     )
     memory_label = "peak MB" if on_gpu else "saved-act MB"
-    print(f"{'variant':<20}{'params':>12}{'step ms':>10}{memory_label:>14}{'DDIM img/s':>12}")
+    print(
+        f"{'variant':<20}{'params':>12}{'step ms':>10}{memory_label:>14}{'DDIM img/s':>12}  step ratio per round"
+    )
+    summary = {"machine": machine, "args": vars(args), "results": results, "ratios": ratios(results)}
     for variant, row in results.items():
+        per_round = [
+            f"{clock} {r['median']:.3f} (IQR {r['q1']:.3f}-{r['q3']:.3f}, range {r['min']:.3f}-{r['max']:.3f})"
+            for clock, key in (
+                ("wall", "train_step_time_per_round"),
+                ("CPU", "train_step_time_cpu_per_round"),
+            )
+            if (r := summary["ratios"].get(variant, {}).get(key))
+        ]
         print(
             f"{variant:<20}{row['parameters']:>12,}{1000 * row['train_step_s']:>10.1f}"
-            f"{row['memory_bytes'] / 2**20:>14.1f}{row['ddim_images_per_s']:>12.2f}"
+            f"{row['memory_bytes'] / 2**20:>14.1f}{row['ddim_images_per_s']:>12.2f}  {'; '.join(per_round)}"
         )
-    summary = {"machine": machine, "args": vars(args), "results": results, "ratios": ratios(results)}
     if args.json_out:
         with open(args.json_out, "w") as handle:
             json.dump(summary, handle, indent=2)

@@ -45,7 +45,8 @@ from dia_diffusion.checkpointing import (
     save_checkpoint,
     write_run_record,
 )
-from dia_diffusion.data import add_training_transform, load_image_dataset
+from dia_diffusion.data import load_image_dataset
+from dia_diffusion.decoded_images import training_pixels
 from dia_diffusion.evaluation import PipelineEvaluator
 from dia_diffusion.feature_extractors import MissingWeightsError
 from dia_diffusion.initial_weights import load_initial_unet
@@ -136,17 +137,7 @@ def train(config: TrainingConfig) -> TrainingResult:
     # 3. Model, EMA, optimizer, data.
     if config.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-    ema = EMAModel(
-        unet.parameters(),
-        decay=config.ema_decay,
-        use_ema_warmup=config.ema_warmup,
-        power=EMA_WARMUP_POWER,
-        model_cls=type(unet),
-        model_config=unet.config,
-    )
-    optimizer = torch.optim.AdamW(
-        unet.parameters(), lr=config.learning_rate, weight_decay=config.adam_weight_decay
-    )
+    ema, optimizer = make_ema(unet, config), make_optimizer(unet, config)
     lr_scheduler = get_scheduler(
         config.lr_scheduler,
         optimizer,
@@ -372,12 +363,31 @@ class EpochShuffleSampler(Sampler[int]):
         yield from np.random.default_rng([self.seed, self.epoch]).permutation(self.size).tolist()
 
 
+# The EMA and the optimizer update every parameter tensor (~200 of them) with one multi-tensor kernel instead of a
+# Python loop over them: several milliseconds per step for a small UNet on the CPU, and fewer kernel launches on a GPU.
+def make_ema(unet: UNet2DModel, config: TrainingConfig) -> EMAModel:
+    return EMAModel(
+        unet.parameters(),
+        decay=config.ema_decay,
+        use_ema_warmup=config.ema_warmup,
+        power=EMA_WARMUP_POWER,
+        model_cls=type(unet),
+        model_config=unet.config,
+        foreach=True,
+    )
+
+
+def make_optimizer(unet: UNet2DModel, config: TrainingConfig) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(
+        unet.parameters(), lr=config.learning_rate, weight_decay=config.adam_weight_decay, fused=True
+    )
+
+
 def make_dataloader(dataset, config: TrainingConfig) -> DataLoader:
     # The flip happens in the loop, from the checkpointed RNG: a flip inside the transform would be drawn while
     # accelerate pre-fetches the next batch, one batch ahead of the checkpoint.
-    pixels = add_training_transform(dataset, config.resolution, config.channels, random_flip=False)
     return DataLoader(
-        pixels,
+        training_pixels(dataset, config.resolution, config.channels),
         batch_size=config.train_batch_size,
         sampler=EpochShuffleSampler(len(dataset), config.seed),
         drop_last=True,

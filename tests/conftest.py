@@ -91,3 +91,13 @@ def isolated_accelerate():
 def isolated_run():
     with isolated_accelerate():
         yield
+
+
+def pytest_collection_modifyitems(config, items):
+    """`gpu`-marked tests need CUDA; where there is none they are reported as skipped, not failed."""
+    if torch.cuda.is_available():
+        return
+    no_cuda = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(no_cuda)
