@@ -1,9 +1,10 @@
 """Attention correlation and what the attention depends on, for every attention variant of a quality budget.
 
-    python benchmarks/correlation.py --budget cpu --jobs 2      # Fashion-MNIST 16x16, seed 0, about 1 hour
-    python benchmarks/correlation.py --budget digits --jobs 2   # 8x8 digits, seed 0, about 15 minutes
+    python benchmarks/correlation.py --budget cpu --jobs 2      # Fashion-MNIST 16x16, seed 0
+    python benchmarks/correlation.py --budget digits --jobs 2   # 8x8 digits, seed 0
 
-For each variant with channel attention, trains the budget's seed-0 model with exactly the command
+For each variant with channel attention, trains the budget's seed-0 model (one run of the quality budget, without
+its final FD) with exactly the command
 `benchmarks/quality.py` uses (cached in benchmarks/results/correlation-<budget>/<variant>/model, resumable), then runs
 `dia-diffusion analyze-correlation` on the budget's test images. Writes each variant's correlation.json and figures
 next to its model, and summary.json with one row per variant: the three correlations (all equal-width pairs, pairs
