@@ -168,8 +168,7 @@ def measure(args, work: Path) -> list[dict]:
         return result
 
     for warmup in range(args.warmup):
-        for trainer in TRAINERS:
-            run(trainer, args.epochs[0], f"warmup{warmup}-{trainer}")
+        run("ours", args.epochs[0], f"warmup{warmup}-ours")
     lengths = [epochs * args.steps_per_epoch for epochs in args.epochs]
     repeats = []
     for repeat in range(args.repeats):
@@ -268,7 +267,7 @@ def main() -> None:
         "--warmup",
         type=int,
         default=0,
-        help="untimed short runs of each trainer first (e.g. to fill compile caches)",
+        help="untimed short runs of train_ddpm.py first, e.g. to fill the compile cache that --compile uses",
     )
     parser.add_argument("--mixed_precision", default="no", choices=["no", "fp16", "bf16"])
     parser.add_argument("--threads", type=int, default=1, help="CPU threads per trainer process")
