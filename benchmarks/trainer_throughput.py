@@ -35,8 +35,10 @@ import tempfile
 import time
 from pathlib import Path
 
+import datasets
 import numpy as np
 import PIL.Image
+import torch
 
 from dia_diffusion.presets import PRESETS, unet_arguments
 
@@ -75,8 +77,6 @@ def write_unet_config(folder: Path, arguments: dict) -> None:
 
 def build_dataset_cache(images: Path, cache: Path) -> None:
     """Builds the `datasets` imagefolder cache that every run then finds, so that no run pays for it."""
-    import datasets
-
     datasets.load_dataset("imagefolder", data_dir=str(images), cache_dir=str(cache))
 
 
@@ -124,7 +124,7 @@ def timed_run(command: list[str], log: Path, environment: dict[str, str]) -> dic
     wall = time.perf_counter() - start
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if result.returncode != 0:
-        tail = log.read_text().strip().splitlines()[-3:]
+        tail = log.read_text().strip().splitlines()[-5:]
         raise SystemExit(f"run failed (exit {result.returncode}), see {log}: {' | '.join(tail)}")
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     return {"wall_s": wall, "cpu_s": cpu}
@@ -240,14 +240,9 @@ def print_report(args, summary: dict) -> None:
         )
 
 
-def machine_description(args) -> str:
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            return torch.cuda.get_device_name()
-    except ImportError:
-        pass
+def machine_description() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
     return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
 
 
@@ -292,15 +287,14 @@ def main() -> None:
     args.example = args.example.resolve()
 
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="trainer-throughput-"))
-    try:
-        repeats = measure(args, work)
-    finally:
-        if args.work_dir is None:
-            shutil.rmtree(work, ignore_errors=True)
+    # A failed run exits in measure() and leaves the folder, whose logs its message names.
+    repeats = measure(args, work)
+    if args.work_dir is None:
+        shutil.rmtree(work, ignore_errors=True)
     summary = summarise(repeats)
     print_report(args, summary)
     settings = {key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items()}
-    result = {**summary, "machine": machine_description(args), "settings": settings, "repeats": repeats}
+    result = {**summary, "machine": machine_description(), "settings": settings, "repeats": repeats}
     if args.json_out:
         args.json_out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result))
