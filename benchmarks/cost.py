@@ -141,7 +141,9 @@ def measure(args) -> dict:
         if device.type == "cpu":
             results[variant]["train_step_cpu_s"] = statistics.median(step_cpu_times[variant])
             results[variant]["train_step_rounds_cpu_s"] = step_cpu_times[variant]
-        results[variant]["ddim_images_per_s"] = statistics.median(sample_rates[variant])
+        results[variant]["ddim_images_per_s"] = (
+            statistics.median(sample_rates[variant]) if sample_rates[variant] else None
+        )
     return results
 
 
@@ -167,7 +169,9 @@ def ratios(results: dict) -> dict:
             "parameters": row["parameters"] / stock["parameters"],
             "train_step_time": row["train_step_s"] / stock["train_step_s"],
             "memory": row["memory_bytes"] / stock["memory_bytes"],
-            "ddim_throughput": row["ddim_images_per_s"] / stock["ddim_images_per_s"],
+            "ddim_throughput": row["ddim_images_per_s"] / stock["ddim_images_per_s"]
+            if stock["ddim_images_per_s"]
+            else None,
         }
         for clock in ("", "_cpu"):
             if f"train_step_rounds{clock}_s" in row:
@@ -204,7 +208,9 @@ def main() -> None:
     parser.add_argument("--ddim_steps", type=int, default=50)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=None, help="timed training steps per variant")
-    parser.add_argument("--sampling_rounds", type=int, default=None, help="timed DDIM runs per variant")
+    parser.add_argument(
+        "--sampling_rounds", type=int, default=None, help="timed DDIM runs per variant (0: no sampling)"
+    )
     parser.add_argument("--json_out", default=None, help="also write the full results to this JSON file")
     args = parser.parse_args()
     if "stock" not in args.variants:
@@ -213,7 +219,8 @@ def main() -> None:
     args.batch_size = args.batch_size or (128 if on_gpu else 16)
     args.sample_batch_size = args.sample_batch_size or (256 if on_gpu else 8)
     args.rounds = args.rounds or (20 if args.quick else 10)
-    args.sampling_rounds = args.sampling_rounds or (3 if args.quick else 2)
+    if args.sampling_rounds is None:
+        args.sampling_rounds = 3 if args.quick else 2
     torch.backends.cudnn.benchmark = on_gpu
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -244,7 +251,8 @@ def main() -> None:
         ]
         print(
             f"{variant:<20}{row['parameters']:>12,}{1000 * row['train_step_s']:>10.1f}"
-            f"{row['memory_bytes'] / 2**20:>14.1f}{row['ddim_images_per_s']:>12.2f}  {'; '.join(per_round)}"
+            f"{row['memory_bytes'] / 2**20:>14.1f}{row['ddim_images_per_s'] or float('nan'):>12.2f}"
+            f"  {'; '.join(per_round)}"
         )
     if args.json_out:
         with open(args.json_out, "w") as handle:

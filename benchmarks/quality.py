@@ -169,7 +169,7 @@ BUDGETS = {
     "smoke": Budget(preset="demo", dataset="digits", resolution=8, steps=4, batch=8, samples=64, ddim_steps=5,
                     eval_every=2, eval_samples=32, flags=("--sample_inference_steps", "5")),
     "digits": Budget(preset="demo", dataset="digits", resolution=8, steps=800, batch=64, samples=1000,
-                     ddim_steps=25, eval_every=200, eval_samples=300),
+                     ddim_steps=25, eval_every=200, eval_samples=300, flags=("--eval_inference_steps", "100")),
     "cpu": Budget(preset="fmnist-32", dataset="fashion_mnist", resolution=16, steps=1000, batch=64, samples=2000,
                   ddim_steps=25, eval_every=500, eval_samples=200,
                   flags=("--learning_rate", "1e-3", "--lr_warmup_steps", "100", "--sample_inference_steps", "100")),
