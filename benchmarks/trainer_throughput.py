@@ -39,6 +39,7 @@ import datasets
 import numpy as np
 import PIL.Image
 import torch
+from diffusers import UNet2DModel
 
 from dia_diffusion.presets import PRESETS, unet_arguments
 
@@ -188,7 +189,32 @@ def measure(args, work: Path) -> list[dict]:
     return repeats
 
 
-def summarise(repeats: list[dict]) -> dict:
+def unet_alone(args, steps: int = 20) -> dict[str, float]:
+    """Seconds (wall and CPU) of the benchmark UNet's forward, MSE loss and backward alone, in eager mode, median over
+    `steps` after one untimed step: no data, optimizer, EMA or logging. No trainer's step can take less, so the
+    example's time per step divided by it bounds the per-step ratio any trainer could reach on this layout."""
+    torch.set_num_threads(args.threads)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    precision = {"no": None, "fp16": torch.float16, "bf16": torch.bfloat16}[args.mixed_precision]
+    layout = PRESETS[args.preset].settings["unet_config"]
+    unet = UNet2DModel(**unet_arguments(layout, args.resolution, 3)).to(device)
+    images = torch.randn(args.batch_size, 3, args.resolution, args.resolution, device=device)
+    timesteps = torch.randint(0, 1000, (args.batch_size,), device=device)
+    times = {"wall": [], "cpu": []}
+    for step in range(steps + 1):
+        wall, cpu = time.perf_counter(), time.process_time()
+        with torch.autocast(device, dtype=precision, enabled=precision is not None):
+            loss = torch.nn.functional.mse_loss(unet(images, timesteps).sample.float(), images)
+        loss.backward()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        if step:
+            times["wall"].append(time.perf_counter() - wall)
+            times["cpu"].append(time.process_time() - cpu)
+    return {f"{clock}_s": statistics.median(values) for clock, values in times.items()}
+
+
+def summarise(repeats: list[dict], floor: dict[str, float]) -> dict:
     medians = {
         trainer: {
             key: statistics.median(repeat[trainer][key] for repeat in repeats)
@@ -216,6 +242,11 @@ def summarise(repeats: list[dict]) -> dict:
         "per_step_cpu_seconds": {trainer: medians[trainer]["per_step_cpu_s"] for trainer in TRAINERS},
         "fixed_seconds": {trainer: medians[trainer]["fixed_wall_s"] for trainer in TRAINERS},
         "fixed_cpu_seconds": {trainer: medians[trainer]["fixed_cpu_s"] for trainer in TRAINERS},
+        "unet_alone_seconds": floor,
+        "per_step_ratio_ceiling": {
+            clock: medians["example"][f"per_step_{clock}_s"] / floor[f"{clock}_s"]
+            for clock in ("wall", "cpu")
+        },
     }
 
 
@@ -238,6 +269,11 @@ def print_report(args, summary: dict) -> None:
             f"per-step ratio example/ours ({clock}): {summary[key]:.3f} "
             f"(repeats {min(spread):.3f}-{max(spread):.3f})"
         )
+    floor, ceiling = summary["unet_alone_seconds"], summary["per_step_ratio_ceiling"]
+    print(
+        f"the UNet's forward and backward alone: {floor['wall_s']:.3f} s wall, {floor['cpu_s']:.3f} s CPU per step; "
+        f"no trainer's per-step ratio can exceed {ceiling['wall']:.3f} (wall), {ceiling['cpu']:.3f} (CPU)"
+    )
 
 
 def machine_description() -> str:
@@ -291,7 +327,7 @@ def main() -> None:
     repeats = measure(args, work)
     if args.work_dir is None:
         shutil.rmtree(work, ignore_errors=True)
-    summary = summarise(repeats)
+    summary = summarise(repeats, unet_alone(args))
     print_report(args, summary)
     settings = {key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items()}
     result = {**summary, "machine": machine_description(), "settings": settings, "repeats": repeats}

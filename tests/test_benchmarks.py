@@ -247,6 +247,12 @@ def test_trainer_throughput_separates_the_time_per_step_from_the_fixed_time(tmp_
     per_step = summary["per_step_seconds"]
     assert summary["per_step_ratio"] == pytest.approx(per_step["example"] / per_step["ours"])
     assert set(summary["fixed_seconds"]) == {"ours", "example"} and summary["fixed_seconds"]["ours"] > 0
+    # The ceiling divides the example's step by the bare UNet's forward and backward at the same sizes.
+    alone = summary["unet_alone_seconds"]
+    assert alone["cpu_s"] > 0 and alone["wall_s"] > 0
+    assert summary["per_step_ratio_ceiling"]["cpu"] == pytest.approx(
+        summary["per_step_cpu_seconds"]["example"] / alone["cpu_s"]
+    )
     (repeat,) = summary["repeats"]
     assert [len(repeat[trainer]["runs"]) for trainer in ("ours", "example")] == [2, 2]
     assert "per-step ratio example/ours" in stdout
