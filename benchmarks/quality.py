@@ -25,14 +25,14 @@ Interruptions: each run's folder ends with `result.json`, so a finished run is n
 checkpoint every few hundred steps and the training command always carries `--resume_from_checkpoint latest`, so an
 interrupted run continues from its last checkpoint, not from step 0. A comparison can span several sittings.
 
-Budgets. `digits8` and `fmnist16` are sized for about 2-3 hours each on a 2-core CPU with `--jobs 2` (their
-`retrofit-` budgets for about an hour); their default variants were chosen before any of their runs. Their step
-counts are to be taken from the pilot: `--pilot` trains stock at seed 0 for `pilot_steps` with an FD evaluation
-every `pilot_eval_every` steps and draws FD vs step (`<out>/pilot/fd_vs_step.png`). With the constant learning
-rate of these recipes, the pilot run up to step N is the budget's N-step stock run at seed 0, so `steps` is set
-where stock's FD has flattened, within the time the budget may take. A retrofit budget continues, for each seed, the
-stock model of its base budget (trained there first if missing) for `steps` more steps: as stock, and, paired, as
-DIA retrofitted with the identity gate (`--init_unet`), with the same data order and noise.
+Budgets. `digits8` and `fmnist16` take about 2.5 and 6 hours on a 2-core CPU with `--jobs 2` (their `retrofit-`
+budgets about an hour each); their default variants were chosen before any of their runs. Their step counts are
+taken from the pilot: `--pilot` trains stock at seed 0 for `pilot_steps` with an FD evaluation every
+`pilot_eval_every` steps and draws FD vs step (`<out>/pilot/fd_vs_step.png`). With the constant learning rate of
+these recipes, the pilot run up to step N is the budget's N-step stock run at seed 0, so `steps` is set where
+stock's FD has flattened. A retrofit budget continues, for each seed, the stock model of its base budget (trained
+there first if missing) for `steps` more steps: as stock, and, paired, as DIA retrofitted with the identity gate
+(`--init_unet`), with the same data order and noise.
 """
 
 import argparse
@@ -123,19 +123,20 @@ class Budget:
 # `cpu` is Fashion-MNIST with the fmnist-32 UNet layout at 16x16: 32x32 costs 1.8 s per step on one CPU thread,
 # 16x16 0.43 s, which puts 7 variants x 3 seeds at about 2 hours on 2 cores (`--jobs 2`). Its 1000 steps need a
 # larger learning rate and a shorter warmup than the preset's 20k-step recipe. `digits` is a smaller stand-in.
-# `digits8` and `fmnist16`: 30 runs at --jobs 2 are 15 rounds of two, so each run gets 8-12 minutes. A digits step
-# (demo layout, batch 64) costs about 0.12 s of one core; a 16x16 Fashion-MNIST step about 0.45 s at batch 64 and
-# 0.25 s at batch 32, so fmnist16 trains at batch 32 to afford more steps. FD, held-out loss and start-up add about
-# 1 minute per digits run and 3 per Fashion-MNIST run.
+# `digits8` and `fmnist16`: the step counts are where stock's FD flattened in each pilot (quality-<budget>/pilot/):
+# digits 0.70 at 4000 steps, 0.60-0.84 from 4500 to 12000; Fashion-MNIST 2.51 at 4500, 2.10-2.71 from 5000 to 8000.
+# A digits step (demo layout, batch 64) costs about 0.12 s of one core, a 16x16 Fashion-MNIST step at batch 32 about
+# 0.3 s; FD, held-out loss and start-up add about 1 minute per digits run and 3 per Fashion-MNIST run. At --jobs 2
+# the 30 runs of digits8 take about 2.5 hours and those of fmnist16 about 6: a comparison of several sittings.
 DIGITS8 = Budget(
     preset="demo", dataset="digits", resolution=8, steps=4000, batch=64, samples=1000, ddim_steps=25,
     eval_every=1000, eval_samples=300, seeds=(0, 1, 2, 3, 4), variants=DECIDING_VARIANTS, heldout_images=297,
     checkpointing_steps=500, flags=("--eval_inference_steps", "25"), pilot_steps=12000, pilot_eval_every=500,
 )  # fmt: skip
 FMNIST16 = Budget(
-    preset="fmnist-32", dataset="fashion_mnist", resolution=16, steps=1600, batch=32, samples=2000, ddim_steps=25,
-    eval_every=800, eval_samples=200, seeds=(0, 1, 2, 3, 4), variants=DECIDING_VARIANTS, heldout_images=1000,
-    checkpointing_steps=200, pilot_steps=8000, pilot_eval_every=500,
+    preset="fmnist-32", dataset="fashion_mnist", resolution=16, steps=4500, batch=32, samples=2000, ddim_steps=25,
+    eval_every=1500, eval_samples=200, seeds=(0, 1, 2, 3, 4), variants=DECIDING_VARIANTS, heldout_images=1000,
+    checkpointing_steps=500, pilot_steps=8000, pilot_eval_every=500,
     flags=("--learning_rate", "1e-3", "--lr_warmup_steps", "100", "--sample_inference_steps", "100",
            "--eval_inference_steps", "25"),
 )  # fmt: skip
@@ -179,7 +180,7 @@ BUDGETS = {
     "gpu-cifar10": GPU_CIFAR10,
 }  # fmt: skip
 BUDGETS["retrofit-digits8"] = retrofit("digits8", steps=2000, checkpointing_steps=500)
-BUDGETS["retrofit-fmnist16"] = retrofit("fmnist16", steps=800, checkpointing_steps=200)
+BUDGETS["retrofit-fmnist16"] = retrofit("fmnist16", steps=1500, checkpointing_steps=500)
 BUDGETS["gpu-retrofit"] = retrofit("gpu", steps=5000, checkpointing_steps=1000)
 
 
