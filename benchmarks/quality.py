@@ -260,6 +260,9 @@ def train_and_measure(
     start = time.time()
     run_command(train_command(variant, seed, budget, run_dir, init_unet), log, threads)
     train_seconds = time.time() - start
+    # Each sitting that trained this run logged its training command once; with several, the training's whole wall
+    # time is unknown (an interruption records no end), so it is recorded only for runs trained in one sitting.
+    sittings = sum(line.startswith("$ ") and "train_ddpm.py" in line for line in log.read_text().splitlines())
     model = run_dir / "model"
     measure = [
         sys.executable, "-m", "dia_diffusion.cli", "fid", "--real", str(reference), "--fake", str(model),
@@ -275,7 +278,8 @@ def train_and_measure(
         "fd_record": fd,
         "parameters": count_parameters(DDPMPipeline.from_pretrained(model).unet),
         "unet_class": json.loads((model / "unet" / "config.json").read_text())["_class_name"],
-        "train_seconds": train_seconds,
+        "train_sittings": sittings,
+        "train_seconds": train_seconds if sittings == 1 else None,
         "fd_vs_step": [
             (row["step"], row["fd_classifier"])
             for row in map(json.loads, (model / "metrics.jsonl").read_text().splitlines())
@@ -476,16 +480,20 @@ def run_pilot(budget: Budget, out: Path, threads: int | None) -> None:
         "stock", 0, pilot, out / "stock" / "seed-0", reference_statistics(pilot, out), threads
     )
     draw_fd_vs_step([result], out / "fd_vs_step.png")
-    seconds_per_step = result["train_seconds"] / pilot.steps
+    seconds = result.get("train_seconds")
+    seconds_per_step = seconds / pilot.steps if seconds is not None else None
     summary = {
         "budget": dataclasses.asdict(pilot),
         "fd_vs_step": result["fd_vs_step"],
         "seconds_per_step": seconds_per_step,
     }
     (out / "pilot.json").write_text(json.dumps(summary, indent=1))
-    print(
-        f"pilot: stock, seed 0, {pilot.steps} steps, {seconds_per_step:.3f} s per step including evaluations"
+    timing = (
+        f"{seconds_per_step:.3f} s per step including evaluations"
+        if seconds_per_step is not None
+        else f"trained in {result['train_sittings']} sittings, so its time per step is unknown"
     )
+    print(f"pilot: stock, seed 0, {pilot.steps} steps, {timing}")
     for step, fd in result["fd_vs_step"]:
         print(f"  step {step:>7}: FD (classifier features) {fd:.3f}")
 

@@ -117,6 +117,8 @@ def test_quality_smoke_tabulates_and_resumes_from_cached_runs(tmp_path):
     assert (tmp_path / "fd_vs_step.png").stat().st_size > 0 and (tmp_path / "samples.png").stat().st_size > 0
     assert "2 seeds (0, 1)" in stdout and "to stock at the same seed" in stdout
     assert (tmp_path / "summary.md").read_text() in stdout
+    result = json.loads((tmp_path / "stock" / "seed-0" / "result.json").read_text())
+    assert result["train_sittings"] == 1 and result["train_seconds"] > 0
 
     # A second invocation finds every run finished: nothing is trained or sampled again, the table is the same.
     logs = {path: path.read_text() for path in tmp_path.glob("*/seed-*/benchmark.log")}
@@ -228,6 +230,8 @@ def test_quality_resumes_an_interrupted_run_from_its_last_checkpoint(tmp_path):
     assert log.count("train/train_ddpm.py") == 2
     assert re.search(rf"resumed from \S*checkpoint-{latest} at step {latest}\b", log)
     result = json.loads((run_dir / "result.json").read_text())
+    # Two sittings: the training's whole wall time is unknown, so none is recorded.
+    assert result["train_sittings"] == 2 and result["train_seconds"] is None
     assert result["fd_classifier"] > 0
     assert result["heldout"]["num_images"] == 8 and result["heldout"]["heldout_loss"] > 0
     row = json.loads((tmp_path / "summary.json").read_text())["rows"][0]
