@@ -208,8 +208,11 @@ def run_command(
     command: list[str], log: Path, threads: int | None = None, stdout: Path | None = None
 ) -> None:
     """Runs `command`, appending its output to `log`; its standard output goes to the file `stdout` if given."""
+    # A killed earlier sitting may have left its last line unfinished: the command starts a line of its own.
+    earlier = log.read_text() if log.is_file() else ""
+    fresh_line = "\n" if earlier and not earlier.endswith("\n") else ""
     with log.open("a") as handle, open(stdout or os.devnull, "w") as output:
-        handle.write(f"$ {' '.join(command)}\n")
+        handle.write(f"{fresh_line}$ {' '.join(command)}\n")
         handle.flush()
         result = subprocess.run(
             command,
