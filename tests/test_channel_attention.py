@@ -220,3 +220,12 @@ def test_an_attention_kind_without_a_module_is_refused_by_name(attention):
         ValueError, match=re.escape(f"attention must be one of {accepted}, got {attention!r}")
     ):
         ChannelAttention(SITES, attention)
+
+
+def test_a_timestep_condition_without_the_time_embedding_width_is_refused():
+    message = "condition='timestep' needs condition_channels, the width of the time embedding"
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        ChannelAttention(SITES, condition="timestep")
+    assert (
+        ChannelAttention(SITES, condition="timestep", condition_channels=16).condition_projection is not None
+    )
