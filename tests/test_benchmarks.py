@@ -109,7 +109,7 @@ def test_quality_smoke_tabulates_and_resumes_from_cached_runs(tmp_path):
         assert row["fd_mean"] > 0 and len(row["fd_per_seed"]) == 2
     # The ratio to stock is taken seed by seed: stock's own ratio is exactly 1 with no spread.
     assert rows["stock"]["ratio_to_stock_mean"] == 1 and rows["stock"]["ratio_to_stock_std"] == 0
-    assert rows["stock"]["ratio_to_stock_ci95"] == [1, 1]
+    assert rows["stock"]["ratio_to_stock_ci95"] == [1, 1] and rows["stock"]["ratio_to_stock_t_ci95"] == [1, 1]
     per_seed = [
         dia / stock for dia, stock in zip(rows["dia-global"]["fd_per_seed"], rows["stock"]["fd_per_seed"])
     ]
@@ -171,6 +171,16 @@ def test_bootstrap_ci_matches_a_hand_computation():
     assert quality.bootstrap_ci([3, 1, 4, 2]) == [1.5, 3.5]
     assert quality.bootstrap_ci([1.0, 1.0, 1.0]) == [1.0, 1.0]
     assert all(math.isnan(bound) for bound in quality.bootstrap_ci([2.0]))
+
+
+def test_t_interval_matches_a_hand_computation():
+    quality = load_quality()
+    # [1, 2, 3, 4]: mean 2.5, standard error sqrt(5/3) / 2, and t(0.975, 3 degrees of freedom) = 3.18245.
+    half_width = 3.182446 * math.sqrt(5 / 3) / 2
+    assert quality.t_interval([4, 1, 3, 2]) == pytest.approx([2.5 - half_width, 2.5 + half_width], rel=1e-6)
+    # Wider than the bootstrap interval of the same 4 values, which only sees their spread.
+    assert quality.t_interval([1, 2, 3, 4])[1] > quality.bootstrap_ci([1, 2, 3, 4])[1]
+    assert all(math.isnan(bound) for bound in quality.t_interval([2.0]))
 
 
 def test_train_commands_of_the_earlier_budgets_are_unchanged_and_retrofits_start_from_stock(tmp_path):
