@@ -286,6 +286,12 @@ def resume(
     if path is None:
         return 0, record
     global_step = checkpoint_step(path)
+    if global_step > config.max_train_steps:
+        # Nothing would train, and the final pipeline would publish this later step's weights as a shorter run's.
+        raise TrainingConfigError(
+            f"--resume_from_checkpoint: {path.name} is at step {global_step}, past --max_train_steps "
+            f"{config.max_train_steps}; raise --max_train_steps or train into a new --output_dir"
+        )
     # accelerate loads registered objects onto the CPU.
     ema.to(accelerator.device)
     accelerator.print(f"resumed from {path} at step {global_step}")

@@ -368,6 +368,16 @@ def test_checkpoints_that_cannot_be_resumed_are_refused_in_one_line(tiny_dataset
     assert refused.startswith(f"checkpoint '{copied}' cannot be loaded: ") and "size mismatch" in refused
     assert not (other / "training_config.json").exists()
 
+    # A checkpoint past the run's length is refused: its weights would be published as a shorter run's. One at
+    # the run's length resumes a finished run, which trains no further.
+    refused = refusal(TrainingConfigError, run_dir, resume_from_checkpoint="latest", max_train_steps=1)
+    assert refused.startswith(
+        "--resume_from_checkpoint: checkpoint-2 is at step 2, past --max_train_steps 1; "
+    )
+    reset_accelerate_state()
+    finished = train(tiny_config(tiny_dataset, run_dir, resume_from_checkpoint="latest", max_train_steps=2))
+    assert finished.global_step == 2
+
     # Corrupt checkpoints: a named one is refused; `latest` tries each, newest first, then refuses.
     metrics_before = (run_dir / "metrics.jsonl").read_text()
     for step in (1, 2):
