@@ -8,6 +8,7 @@
     python benchmarks/quality.py --budget gpu-cifar10 --dataset cifar-10-python.tar.gz
     python benchmarks/quality.py --budget cpu --jobs 2               # the earlier comparison: 7 variants x 3 seeds
     python benchmarks/quality.py --budget smoke --out /tmp/q         # seconds; checks the plumbing only
+    python benchmarks/quality.py --budget retrofit-smoke --out /tmp/r --base_out /tmp/q  # and of a retrofit
 
 Every run is the public training command (`train/train_ddpm.py`, the budget's preset with identical settings for
 all variants) followed by `dia-diffusion fid --feature classifier` on DDIM samples from its EMA weights and, for
@@ -17,13 +18,15 @@ dataset: "FD (classifier features)", not FID.
 
 Paired design: every variant trains from the same seeds, so the same seed gives the same initial backbone weights,
 data order and noise in every variant. For every variant the table gives the FD mean ± std over seeds and the
-ratio to stock at the same seed with a 95 % percentile-bootstrap confidence interval over seeds; likewise for the
-held-out loss, overall and per timestep band. With 5 seeds the percentile bootstrap is somewhat narrow; an
-interval that excludes 1 is the threshold for "differs", not a guarantee.
+ratio to stock at the same seed with a 95 % percentile-bootstrap confidence interval over seeds and the Student-t
+interval of the same mean; likewise for the held-out loss, overall and per timestep band. With 5 seeds the
+percentile bootstrap is about a third narrower than the t interval: "differs" needs both to exclude 1.
 
 Interruptions: each run's folder ends with `result.json`, so a finished run is never trained again; the new budgets
 checkpoint every few hundred steps and the training command always carries `--resume_from_checkpoint latest`, so an
 interrupted run continues from its last checkpoint, not from step 0. A comparison can span several sittings.
+`result.json` records the settings the run was trained and measured with (and a retrofit's the sha256 of the model
+it started from): a cached run whose settings differ from the budget's is refused, never mixed into a table.
 
 Budgets. `digits8` and `fmnist16` take about 2.5 and 6 hours on a 2-core CPU with `--jobs 2` (their `retrofit-`
 budgets about an hour each); their default variants were chosen before any of their runs. Their step counts are
@@ -32,7 +35,8 @@ taken from the pilot: `--pilot` trains stock at seed 0 for `pilot_steps` with an
 these recipes, the pilot run up to step N is the budget's N-step stock run at seed 0, so `steps` is set where
 stock's FD has flattened. A retrofit budget continues, for each seed, the stock model of its base budget (trained
 there first if missing) for `steps` more steps: as stock, and, paired, as DIA retrofitted with the identity gate
-(`--init_unet`), with the same data order and noise.
+(`--init_unet`). Its training seed is offset, so the continuation sees a data order and noise of its own rather
+than a replay of the base run's first steps; the same in every variant.
 """
 
 import argparse
@@ -53,6 +57,7 @@ import scipy.stats
 from diffusers import DDPMPipeline
 
 # Importing the package also registers DIAUNet2DModel for the pipeline loader.
+from dia_diffusion.feature_extractors import folder_weights_sha256
 from dia_diffusion.parameter_count import count_parameters
 from dia_diffusion.presets import PRESETS
 
@@ -118,6 +123,12 @@ class Budget:
     pilot_steps: int = 0
     pilot_eval_every: int = 0
     base: str | None = None  # a retrofit budget continues the stock models of this budget
+    seed_offset: int = 0  # a run at seed s trains with --seed s + seed_offset
+
+
+# Which runs make up a comparison, and how often they checkpoint: neither changes what a run computes. The other
+# Budget fields are how each run is trained and measured.
+RESULT_NEUTRAL_FIELDS = ("seeds", "variants", "pilot_steps", "pilot_eval_every", "checkpointing_steps")
 
 
 # `cpu` is Fashion-MNIST with the fmnist-32 UNet layout at 16x16: 32x32 costs 1.8 s per step on one CPU thread,
@@ -163,6 +174,7 @@ def retrofit(base: str, steps: int, checkpointing_steps: int) -> Budget:
         variants=RETROFIT_VARIANTS,
         pilot_steps=0,
         pilot_eval_every=0,
+        seed_offset=1000,
     )
 
 
@@ -182,6 +194,7 @@ BUDGETS = {
 BUDGETS["retrofit-digits8"] = retrofit("digits8", steps=2000, checkpointing_steps=500)
 BUDGETS["retrofit-fmnist16"] = retrofit("fmnist16", steps=1500, checkpointing_steps=500)
 BUDGETS["gpu-retrofit"] = retrofit("gpu", steps=5000, checkpointing_steps=1000)
+BUDGETS["retrofit-smoke"] = retrofit("smoke", steps=4, checkpointing_steps=2)
 
 
 def train_command(
@@ -197,7 +210,7 @@ def train_command(
     return [
         sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
         "--mixed_precision", "no", "--dynamo_backend", "no", "train/train_ddpm.py",
-        "--preset", budget.preset, *VARIANTS[variant], "--seed", str(seed), "--resolution", str(budget.resolution),
+        "--preset", budget.preset, *VARIANTS[variant], "--seed", str(seed + budget.seed_offset), "--resolution", str(budget.resolution),
         "--max_train_steps", str(budget.steps), "--train_batch_size", str(budget.batch),
         "--eval_every", str(budget.eval_every), "--eval_num_samples", str(budget.eval_samples),
         "--output_dir", str(run_dir / "model"), "--resume_from_checkpoint", "latest", *data, *start, *budget.flags,
@@ -256,8 +269,9 @@ def train_and_measure(
 ) -> dict:
     """Trains one (variant, seed) and measures it; cached in run_dir/result.json."""
     result_file = run_dir / "result.json"
+    settings = run_settings(budget, init_unet)
     if result_file.is_file():
-        return json.loads(result_file.read_text())
+        return cached_result(result_file, settings)
     run_dir.mkdir(parents=True, exist_ok=True)
     log = run_dir / "benchmark.log"
     start = time.time()
@@ -267,6 +281,11 @@ def train_and_measure(
     # time is unknown (an interruption records no end), so it is recorded only for runs trained in one sitting.
     sittings = sum(line.startswith("$ ") and "train_ddpm.py" in line for line in log.read_text().splitlines())
     model = run_dir / "model"
+    trained_from = json.loads((model / "training_config.json").read_text())["init_unet_sha256"]
+    if trained_from != settings.get("init_unet_sha256"):
+        raise SystemExit(
+            f"quality.py: error: {model} was trained from {trained_from}, not the base run's model"
+        )
     measure = [
         sys.executable, "-m", "dia_diffusion.cli", "fid", "--real", str(reference), "--fake", str(model),
         "--feature", "classifier", "--num_samples", str(budget.samples), "--scheduler", "ddim",
@@ -281,6 +300,8 @@ def train_and_measure(
         "fd_record": fd,
         "parameters": count_parameters(DDPMPipeline.from_pretrained(model).unet),
         "unet_class": json.loads((model / "unet" / "config.json").read_text())["_class_name"],
+        "unet_sha256": folder_weights_sha256(model / "unet"),
+        "settings": settings,
         "train_sittings": sittings,
         "train_seconds": train_seconds if sittings == 1 else None,
         "fd_vs_step": [
@@ -302,6 +323,35 @@ def train_and_measure(
     partial = result_file.with_suffix(".partial")
     partial.write_text(json.dumps(result, indent=1))
     os.replace(partial, result_file)
+    return result
+
+
+def run_settings(budget: Budget, init_unet: Path | None) -> dict:
+    """What a run of `budget` is trained and measured with, as result.json holds it."""
+    settings = {
+        key: value for key, value in dataclasses.asdict(budget).items() if key not in RESULT_NEUTRAL_FIELDS
+    }
+    if init_unet is not None:
+        # The base run's own record of its weights, so the check needs no model files (a fresh checkout has none).
+        settings["init_unet_sha256"] = json.loads((init_unet.parent / "result.json").read_text())[
+            "unet_sha256"
+        ]
+    return json.loads(json.dumps(settings))
+
+
+def cached_result(result_file: Path, settings: dict) -> dict:
+    """A finished run's result, refused if it was trained or measured with other settings than `settings`."""
+    result = json.loads(result_file.read_text())
+    # The `cpu` and `digits` budgets' results predate the record; their settings are those of the docs' tables.
+    recorded = result.get("settings", settings)
+    differing = sorted(
+        key for key in settings.keys() | recorded.keys() if settings.get(key) != recorded.get(key)
+    )
+    if differing:
+        raise SystemExit(
+            f"quality.py: error: {result_file.parent} was run with other settings ({', '.join(differing)}) than "
+            "this budget's; move it away to run it again"
+        )
     return result
 
 
@@ -353,6 +403,11 @@ def summarise(results: list[dict]) -> list[dict]:
     cancels the part of the seed-to-seed spread that all variants share.
     """
     stock_by_seed = {r["seed"]: r for r in results if r["variant"] == "stock"}
+    heldout = all("heldout" in r for r in results)
+    if heldout and len({json.dumps(heldout_protocol(r)) for r in results}) > 1:
+        raise SystemExit(
+            "quality.py: error: the runs' held-out losses were measured on different test images, timesteps or noise"
+        )
     rows = []
     for variant in VARIANTS:
         runs = sorted((r for r in results if r["variant"] == variant), key=lambda r: r["seed"])
@@ -372,10 +427,19 @@ def summarise(results: list[dict]) -> list[dict]:
             "ratio_to_stock_ci95": fd_ratio["ci95"],
             "ratio_to_stock_t_ci95": fd_ratio["t_ci95"],
         }
-        if all("heldout" in r for r in [*runs, *stock_by_seed.values()]):
+        if heldout:
             row.update(summarise_heldout(runs, stock_by_seed))
         rows.append(row)
     return rows
+
+
+def heldout_protocol(run: dict) -> dict:
+    """What a run's held-out loss was measured on; runs are compared only when it is the same."""
+    measured = run["heldout"]
+    return {
+        **{key: measured[key] for key in ("dataset", "split", "num_images", "seed")},
+        "bands": [(band["band"], band["timesteps"]) for band in measured["per_band"]],
+    }
 
 
 def summarise_heldout(runs: list[dict], stock_by_seed: dict[int, dict]) -> dict:
@@ -386,6 +450,7 @@ def summarise_heldout(runs: list[dict], stock_by_seed: dict[int, dict]) -> dict:
         ratio = paired_ratio(runs, stock_by_seed, lambda run, i=index: run["heldout"]["per_band"][i]["loss"])
         bands.append({"band": band["band"], "ratio_mean": ratio["mean"], "ratio_ci95": ratio["ci95"]})
     return {
+        "heldout_images": runs[0]["heldout"]["num_images"],
         "heldout_mean": statistics.mean(losses),
         "heldout_std": statistics.stdev(losses) if len(losses) > 1 else float("nan"),
         "heldout_per_seed": losses,
@@ -410,7 +475,7 @@ def table(rows: list[dict], budget: Budget, name: str) -> str:
         f"FD (classifier features) of {budget.samples} DDIM-{budget.ddim_steps} samples per run"
     )
     if heldout:
-        header += f"; held-out loss on {budget.heldout_images} test images"
+        header += f"; held-out loss on {rows[0]['heldout_images']} test images"
     header += (
         ". Ratios are to stock at the same seed: mean [95 % percentile-bootstrap CI over seeds] "
         "t [95 % Student-t CI over seeds]."

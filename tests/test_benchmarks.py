@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from dia_diffusion import DIAUNet2DModel
+from dia_diffusion.feature_extractors import folder_weights_sha256
 from dia_diffusion.presets import PRESETS, unet_arguments
 
 REPOSITORY = Path(__file__).resolve().parent.parent
@@ -127,6 +128,37 @@ def test_quality_smoke_tabulates_and_resumes_from_cached_runs(tmp_path):
     assert {path: path.read_text() for path in logs} == logs
     assert json.loads((tmp_path / "summary.json").read_text())["rows"] == summary["rows"]
 
+    # A retrofit continues each seed's stock model from there, with a training seed of its own, and records it.
+    base = tmp_path / "stock" / "seed-0"
+    retrofits = tmp_path / "retrofit"
+    retrofit = (
+        "--budget",
+        "retrofit-smoke",
+        "--out",
+        str(retrofits),
+        "--base_out",
+        str(tmp_path),
+        "--seeds",
+        "0",
+    )
+    succeeded(run_benchmark("quality.py", *retrofit, "--variants", "stock", "dia-global"))
+    assert {path: path.read_text() for path in logs} == logs
+    base_weights = json.loads((base / "result.json").read_text())["unet_sha256"]
+    assert base_weights == folder_weights_sha256(base / "model" / "unet")
+    for variant in ("stock", "dia-global"):
+        run = retrofits / variant / "seed-0"
+        assert json.loads((run / "result.json").read_text())["settings"]["init_unet_sha256"] == base_weights
+        command = (run / "benchmark.log").read_text().splitlines()[0]
+        assert "--seed 1000 " in command and f"--init_unet {base / 'model'}" in command
+    dia = json.loads((retrofits / "dia-global" / "seed-0" / "model" / "unet" / "config.json").read_text())
+    assert dia["dia_gate"] == "identity"
+
+    # A cached run is reused only under the settings it was run with.
+    record = json.loads((base / "result.json").read_text())
+    (base / "result.json").write_text(json.dumps({**record, "settings": {**record["settings"], "steps": 3}}))
+    refused = run_benchmark("quality.py", *retrofit, "--variants", "stock")
+    assert refused.returncode == 1 and f"{base} was run with other settings (steps)" in refused.stderr
+
 
 @pytest.mark.slow
 def test_correlation_benchmark_trains_a_variant_once_and_tabulates_the_report_keys(tmp_path):
@@ -183,6 +215,48 @@ def test_t_interval_matches_a_hand_computation():
     assert all(math.isnan(bound) for bound in quality.t_interval([2.0]))
 
 
+def fake_run(variant: str, seed: int, loss: float, num_images: int = 8) -> dict:
+    bands = [
+        {"band": [0, 500], "timesteps": [250], "loss": loss},
+        {"band": [500, 1000], "timesteps": [750], "loss": loss},
+    ]
+    heldout = {"heldout_loss": loss, "per_band": bands, "dataset": "digits", "split": "test", "seed": 0}
+    return {
+        "variant": variant, "seed": seed, "fd_classifier": loss, "parameters": 1,
+        "heldout": {**heldout, "num_images": num_images},
+    }  # fmt: skip
+
+
+def test_held_out_losses_are_paired_only_when_measured_alike():
+    quality = load_quality()
+    runs = [
+        fake_run("stock", 0, 2.0),
+        fake_run("stock", 1, 4.0),
+        fake_run("dia-global", 0, 1.0),
+        fake_run("dia-global", 1, 3.0),
+    ]
+    dia = quality.summarise(runs)[1]
+    assert dia["heldout_ratio_mean"] == pytest.approx((0.5 + 0.75) / 2) and dia["heldout_images"] == 8
+    assert [band["ratio_mean"] for band in dia["heldout_band_ratios"]] == pytest.approx([0.625, 0.625])
+    runs[3] = fake_run("dia-global", 1, 3.0, num_images=16)
+    with pytest.raises(SystemExit, match="measured on different test images"):
+        quality.summarise(runs)
+
+
+def test_a_cached_result_counts_only_under_its_own_settings(tmp_path):
+    quality = load_quality()
+    settings = quality.run_settings(quality.BUDGETS["digits8"], None)
+    result_file = tmp_path / "result.json"
+    result_file.write_text(json.dumps({"fd_classifier": 1.0, "settings": settings}))
+    assert quality.cached_result(result_file, settings)["fd_classifier"] == 1.0
+    with pytest.raises(SystemExit, match=r"was run with other settings \(dataset, steps\)"):
+        quality.cached_result(result_file, {**settings, "steps": 1, "dataset": "fashion_mnist"})
+    # Checkpointing does not change what a run computes; results from before the record are taken as they are.
+    assert "checkpointing_steps" not in settings and "seeds" not in settings
+    result_file.write_text(json.dumps({"fd_classifier": 2.0}))
+    assert quality.cached_result(result_file, settings)["fd_classifier"] == 2.0
+
+
 def test_train_commands_of_the_earlier_budgets_are_unchanged_and_retrofits_start_from_stock(tmp_path):
     quality = load_quality()
     command = quality.train_command("dia-global", 2, quality.BUDGETS["cpu"], tmp_path)
@@ -199,6 +273,8 @@ def test_train_commands_of_the_earlier_budgets_are_unchanged_and_retrofits_start
     assert command[command.index("--init_unet") + 1] == str(tmp_path / "stock")
     assert command[command.index("--checkpointing_steps") + 1] == str(retrofit.checkpointing_steps)
     assert retrofit.base == "fmnist16" and retrofit.variants[0] == "stock"
+    # A fresh data order and noise for the continuation, the same in every variant.
+    assert command[command.index("--seed") + 1] == "1000"
 
 
 RESUMABLE_SMOKE = """
