@@ -470,8 +470,13 @@ def table(rows: list[dict], budget: Budget, name: str) -> str:
     """The comparison as a Markdown table, its first line stating what each number is made of."""
     heldout = "heldout_mean" in rows[0]
     seeds = rows[0]["seeds"]
+    # A comparison still running has some variants at fewer seeds: then each row names its own.
+    uniform = all(row["seeds"] == seeds for row in rows)
+    seed_text = (
+        f"{len(seeds)} seeds ({', '.join(map(str, seeds))})" if uniform else "the seeds each row names"
+    )
     header = (
-        f"`{name}`: {len(seeds)} seeds ({', '.join(map(str, seeds))}), {budget.steps} steps at batch {budget.batch}; "
+        f"`{name}`: {seed_text}, {budget.steps} steps at batch {budget.batch}; "
         f"FD (classifier features) of {budget.samples} DDIM-{budget.ddim_steps} samples per run"
     )
     if heldout:
@@ -480,7 +485,7 @@ def table(rows: list[dict], budget: Budget, name: str) -> str:
         ". Ratios are to stock at the same seed: mean [95 % percentile-bootstrap CI over seeds] "
         "t [95 % Student-t CI over seeds]."
     )
-    columns = ["variant", "parameters", "FD mean ± std", "FD ratio to stock"]
+    columns = ["variant", *([] if uniform else ["seeds"]), "parameters", "FD mean ± std", "FD ratio to stock"]
     if heldout:
         columns += [
             "held-out loss mean ± std",
@@ -491,6 +496,7 @@ def table(rows: list[dict], budget: Budget, name: str) -> str:
     for row in rows:
         cells = [
             row["variant"],
+            *([] if uniform else [", ".join(map(str, row["seeds"]))]),
             f"{row['parameters']:,}",
             f"{row['fd_mean']:.3f} ± {row['fd_std']:.3f}",
             ratio_cell(

@@ -243,6 +243,19 @@ def test_held_out_losses_are_paired_only_when_measured_alike():
         quality.summarise(runs)
 
 
+def test_a_table_of_unequal_seed_sets_names_each_rows_seeds():
+    quality = load_quality()
+    runs = [fake_run("stock", 0, 2.0), fake_run("stock", 1, 4.0), fake_run("dia-global", 1, 3.0)]
+    table = quality.table(quality.summarise(runs), quality.BUDGETS["smoke"], "smoke")
+    assert (
+        "the seeds each row names" in table
+        and "| stock | 0, 1 | 1 |" in table
+        and "| dia-global | 1 | 1 |" in table
+    )
+    table = quality.table(quality.summarise(runs[:2]), quality.BUDGETS["smoke"], "smoke")
+    assert "2 seeds (0, 1)" in table and "| stock | 1 |" in table
+
+
 def test_a_cached_result_counts_only_under_its_own_settings(tmp_path):
     quality = load_quality()
     settings = quality.run_settings(quality.BUDGETS["digits8"], None)
