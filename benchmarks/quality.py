@@ -516,22 +516,24 @@ def table(rows: list[dict], budget: Budget, name: str) -> str:
 
 
 def draw_fd_vs_step(results: list[dict], path: Path) -> None:
+    """FD during training: each seed's curve thin, the variant's mean over its seeds bold, one colour per variant."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(figsize=(6.5, 4))
-    for index, variant in enumerate(VARIANTS):
-        for run in (r for r in results if r["variant"] == variant):
-            if run["fd_vs_step"]:
-                steps, values = zip(*run["fd_vs_step"])
-                label = (
-                    variant
-                    if run["seed"] == min(r["seed"] for r in results if r["variant"] == variant)
-                    else None
-                )
-                axes.plot(steps, values, color=f"C{index}", alpha=0.8, label=label, marker="o", markersize=3)
+    present = [
+        variant for variant in VARIANTS if any(r["variant"] == variant and r["fd_vs_step"] for r in results)
+    ]
+    for colour, variant in enumerate(present):
+        curves = [dict(r["fd_vs_step"]) for r in results if r["variant"] == variant and r["fd_vs_step"]]
+        for curve in curves:
+            axes.plot(list(curve), list(curve.values()), color=f"C{colour}", alpha=0.3, linewidth=0.8)
+        steps = sorted(set.intersection(*(set(curve) for curve in curves)))
+        mean = [statistics.mean(curve[step] for curve in curves) for step in steps]
+        label = f"{variant} (mean of {len(curves)})" if len(curves) > 1 else variant
+        axes.plot(steps, mean, color=f"C{colour}", linewidth=2, marker="o", markersize=3, label=label)
     axes.set_xlabel("optimizer step")
     axes.set_ylabel("FD (classifier features), during training")
     axes.set_yscale("log")
