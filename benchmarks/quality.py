@@ -523,11 +523,12 @@ def draw_fd_vs_step(results: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(figsize=(6.5, 4))
-    present = [
-        variant for variant in VARIANTS if any(r["variant"] == variant and r["fd_vs_step"] for r in results)
-    ]
-    for colour, variant in enumerate(present):
-        curves = [dict(r["fd_vs_step"]) for r in results if r["variant"] == variant and r["fd_vs_step"]]
+    curves_by_variant = {
+        variant: [dict(r["fd_vs_step"]) for r in results if r["variant"] == variant and r["fd_vs_step"]]
+        for variant in VARIANTS
+    }
+    drawn = [(variant, curves) for variant, curves in curves_by_variant.items() if curves]
+    for colour, (variant, curves) in enumerate(drawn):
         for curve in curves:
             axes.plot(list(curve), list(curve.values()), color=f"C{colour}", alpha=0.3, linewidth=0.8)
         steps = sorted(set.intersection(*(set(curve) for curve in curves)))
