@@ -385,11 +385,9 @@ def t_interval(values: list[float], confidence: float = 0.95) -> list[float]:
 def paired_ratio(runs: list[dict], stock_by_seed: dict[int, dict], metric) -> dict:
     """Mean, std and 95 % CIs (bootstrap and Student-t) over seeds of metric(run) / metric(stock run of the same
     seed)."""
-    ratios = [
-        metric(run) / metric(stock_by_seed[run["seed"]]) for run in runs if run["seed"] in stock_by_seed
-    ]
+    ratios = [metric(run) / metric(stock_by_seed[run["seed"]]) for run in runs]
     return {
-        "mean": statistics.mean(ratios) if ratios else float("nan"),
+        "mean": statistics.mean(ratios),
         "std": statistics.stdev(ratios) if len(ratios) > 1 else float("nan"),
         "ci95": bootstrap_ci(ratios),
         "t_ci95": t_interval(ratios),
@@ -400,9 +398,12 @@ def summarise(results: list[dict]) -> list[dict]:
     """Per variant: FD (and held-out loss) mean ± std over seeds, and the paired ratio to stock with its CI.
 
     Every variant trains from the same seeds (initial backbone weights, data order, noise), so the paired ratio
-    cancels the part of the seed-to-seed spread that all variants share.
+    cancels the part of the seed-to-seed spread that all variants share. A run whose seed has no stock run (yet) is
+    left out, so that each row's mean and ratio cover the seeds it names.
     """
     stock_by_seed = {r["seed"]: r for r in results if r["variant"] == "stock"}
+    if not stock_by_seed:
+        raise SystemExit("quality.py: error: no stock run to pair the variants with: include stock in --variants")
     heldout = all("heldout" in r for r in results)
     if heldout and len({json.dumps(heldout_protocol(r)) for r in results}) > 1:
         raise SystemExit(
@@ -410,7 +411,8 @@ def summarise(results: list[dict]) -> list[dict]:
         )
     rows = []
     for variant in VARIANTS:
-        runs = sorted((r for r in results if r["variant"] == variant), key=lambda r: r["seed"])
+        paired = (r for r in results if r["variant"] == variant and r["seed"] in stock_by_seed)
+        runs = sorted(paired, key=lambda r: r["seed"])
         if not runs:
             continue
         values = [r["fd_classifier"] for r in runs]
@@ -640,6 +642,8 @@ def main() -> None:
         run_pilot(budget, out / "pilot", threads)
         return
     variants = args.variants or list(budget.variants)
+    if "stock" not in variants:
+        parser.error("--variants must include stock: every variant is compared with stock at the same seed")
     seeds = args.seeds or list(budget.seeds)
 
     initial = {}

@@ -256,6 +256,18 @@ def test_a_table_of_unequal_seed_sets_names_each_rows_seeds():
     assert "2 seeds (0, 1)" in table and "| stock | 1 |" in table
 
 
+def test_a_variant_is_tabulated_only_beside_stock_at_the_same_seed(tmp_path):
+    quality = load_quality()
+    runs = [fake_run("stock", 0, 2.0), fake_run("dia-global", 0, 1.0), fake_run("dia-global", 1, 9.0)]
+    dia = quality.summarise(runs)[1]
+    assert dia["seeds"] == [0] and dia["fd_per_seed"] == [1.0] and dia["ratio_to_stock_mean"] == 0.5
+    with pytest.raises(SystemExit, match="no stock run to pair the variants with"):
+        quality.summarise(runs[1:])
+    refused = run_benchmark("quality.py", "--budget", "smoke", "--variants", "dia-global", "--out", str(tmp_path))
+    assert refused.returncode == 2 and "--variants must include stock" in refused.stderr
+    assert not any(tmp_path.iterdir())
+
+
 def test_a_cached_result_counts_only_under_its_own_settings(tmp_path):
     quality = load_quality()
     settings = quality.run_settings(quality.BUDGETS["digits8"], None)
