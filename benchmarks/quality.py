@@ -403,7 +403,9 @@ def summarise(results: list[dict]) -> list[dict]:
     """
     stock_by_seed = {r["seed"]: r for r in results if r["variant"] == "stock"}
     if not stock_by_seed:
-        raise SystemExit("quality.py: error: no stock run to pair the variants with: include stock in --variants")
+        raise SystemExit(
+            "quality.py: error: no stock run to pair the variants with: include stock in --variants"
+        )
     heldout = all("heldout" in r for r in results)
     if heldout and len({json.dumps(heldout_protocol(r)) for r in results}) > 1:
         raise SystemExit(
@@ -603,6 +605,71 @@ def run_pilot(budget: Budget, out: Path, threads: int | None) -> None:
         print(f"  step {step:>7}: FD (classifier features) {fd:.3f}")
 
 
+def retrofit_starting_points(
+    budget: Budget, seeds: list[int], base_out: Path, jobs: int, threads: int | None
+) -> dict[int, Path]:
+    """Each seed's stock model of the retrofit's base budget (trained there first if missing), by seed."""
+    base_budget = dataclasses.replace(BUDGETS[budget.base], dataset=budget.dataset)
+    base_reference = reference_statistics(base_budget, base_out)
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        list(pool.map(lambda seed: train_and_measure(
+            "stock", seed, base_budget, base_out / "stock" / f"seed-{seed}", base_reference, threads), seeds))  # fmt: skip
+    return {seed: base_out / "stock" / f"seed-{seed}" / "model" for seed in seeds}
+
+
+def train_all(
+    runs: list[tuple[str, int]],
+    budget: Budget,
+    out: Path,
+    jobs: int,
+    threads: int | None,
+    initial: dict[int, Path],
+) -> list[dict]:
+    """Every (variant, seed) run, `jobs` at a time, each printed as it finishes; cached runs come back at once."""
+    reference = reference_statistics(budget, out)
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        pending = [
+            pool.submit(
+                train_and_measure,
+                variant,
+                seed,
+                budget,
+                out / variant / f"seed-{seed}",
+                reference,
+                threads,
+                initial.get(seed),
+            )
+            for variant, seed in runs
+        ]
+        results = []
+        for finished in as_completed(pending):
+            result = finished.result()
+            results.append(result)
+            print(
+                f"{result['variant']:<24} seed {result['seed']}: FD (classifier features) {result['fd_classifier']:.3f}",
+                flush=True,
+            )
+    return results
+
+
+def write_summary(results: list[dict], budget: Budget, name: str, out: Path) -> str:
+    """summary.json, summary.md, the FD-vs-step figure and the sample grids of a comparison; returns the table."""
+    rows = summarise(results)
+    summary = {
+        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "budget": {"name": name, **dataclasses.asdict(budget)},
+        "dataset": budget.dataset,
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+        "rows": rows,
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    markdown = table(rows, budget, name)
+    (out / "summary.md").write_text(markdown)
+    draw_fd_vs_step(results, out / "fd_vs_step.png")
+    draw_sample_grids(results, out, out / "samples.png")
+    return markdown
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -648,54 +715,12 @@ def main() -> None:
 
     initial = {}
     if budget.base is not None:
-        base_budget = dataclasses.replace(BUDGETS[budget.base], dataset=budget.dataset)
         base_out = Path(args.base_out or REPOSITORY / "benchmarks" / "results" / f"quality-{budget.base}")
-        base_reference = reference_statistics(base_budget, base_out)
-        with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-            list(pool.map(lambda seed: train_and_measure(
-                "stock", seed, base_budget, base_out / "stock" / f"seed-{seed}", base_reference, threads), seeds))  # fmt: skip
-        initial = {seed: base_out / "stock" / f"seed-{seed}" / "model" for seed in seeds}
-
-    reference = reference_statistics(budget, out)
+        initial = retrofit_starting_points(budget, seeds, base_out, args.jobs, threads)
     # Seed-major order: an interrupted comparison still has every variant at some seeds.
     runs = [(variant, seed) for seed in seeds for variant in variants]
-    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        pending = [
-            pool.submit(
-                train_and_measure,
-                variant,
-                seed,
-                budget,
-                out / variant / f"seed-{seed}",
-                reference,
-                threads,
-                initial.get(seed),
-            )
-            for variant, seed in runs
-        ]
-        results = []
-        for finished in as_completed(pending):
-            result = finished.result()
-            results.append(result)
-            print(
-                f"{result['variant']:<24} seed {result['seed']}: FD (classifier features) {result['fd_classifier']:.3f}",
-                flush=True,
-            )
-
-    rows = summarise(results)
-    summary = {
-        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
-        "budget": {"name": args.budget, **dataclasses.asdict(budget)},
-        "dataset": budget.dataset,
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores",
-        "rows": rows,
-    }
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
-    markdown = table(rows, budget, args.budget)
-    (out / "summary.md").write_text(markdown)
-    draw_fd_vs_step(results, out / "fd_vs_step.png")
-    draw_sample_grids(results, out, out / "samples.png")
-    print("\n" + markdown)
+    results = train_all(runs, budget, out, args.jobs, threads, initial)
+    print("\n" + write_summary(results, budget, args.budget, out))
 
 
 if __name__ == "__main__":
