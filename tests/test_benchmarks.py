@@ -263,7 +263,9 @@ def test_a_variant_is_tabulated_only_beside_stock_at_the_same_seed(tmp_path):
     assert dia["seeds"] == [0] and dia["fd_per_seed"] == [1.0] and dia["ratio_to_stock_mean"] == 0.5
     with pytest.raises(SystemExit, match="no stock run to pair the variants with"):
         quality.summarise(runs[1:])
-    refused = run_benchmark("quality.py", "--budget", "smoke", "--variants", "dia-global", "--out", str(tmp_path))
+    refused = run_benchmark(
+        "quality.py", "--budget", "smoke", "--variants", "dia-global", "--out", str(tmp_path)
+    )
     assert refused.returncode == 2 and "--variants must include stock" in refused.stderr
     assert not any(tmp_path.iterdir())
 
