@@ -52,9 +52,9 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-import scipy.stats
 from diffusers import DDPMPipeline
+from paired_statistics import paired_ratio  # benchmarks/, beside this script
+from quality_report import draw_fd_vs_step, draw_sample_grids, table
 
 # Importing the package also registers DIAUNet2DModel for the pipeline loader.
 from dia_diffusion.feature_extractors import folder_weights_sha256
@@ -355,45 +355,6 @@ def cached_result(result_file: Path, settings: dict) -> dict:
     return result
 
 
-def bootstrap_ci(values: list[float], confidence: float = 0.95, resamples: int = 10_000) -> list[float]:
-    """Percentile-bootstrap confidence interval of the mean of `values` (one value per seed), resampling the
-    seeds with replacement; fixed resampling seed, so a table regenerates exactly. NaNs for fewer than 2 values."""
-    if len(values) < 2:
-        return [float("nan"), float("nan")]
-    interval = scipy.stats.bootstrap(
-        (np.asarray(values, dtype=float),),
-        np.mean,
-        confidence_level=confidence,
-        n_resamples=resamples,
-        method="percentile",
-        random_state=np.random.default_rng(0),
-    ).confidence_interval
-    return [float(interval.low), float(interval.high)]
-
-
-def t_interval(values: list[float], confidence: float = 0.95) -> list[float]:
-    """Student-t confidence interval of the mean of `values`. With 5 seeds the percentile bootstrap only sees the
-    spread of 5 numbers and is about a third narrower than this one, so the tables print both and a decision
-    takes the wider. NaNs for fewer than 2 values."""
-    if len(values) < 2:
-        return [float("nan"), float("nan")]
-    mean, error = statistics.mean(values), statistics.stdev(values) / len(values) ** 0.5
-    half_width = scipy.stats.t.ppf((1 + confidence) / 2, df=len(values) - 1) * error
-    return [mean - half_width, mean + half_width]
-
-
-def paired_ratio(runs: list[dict], stock_by_seed: dict[int, dict], metric) -> dict:
-    """Mean, std and 95 % CIs (bootstrap and Student-t) over seeds of metric(run) / metric(stock run of the same
-    seed)."""
-    ratios = [metric(run) / metric(stock_by_seed[run["seed"]]) for run in runs]
-    return {
-        "mean": statistics.mean(ratios),
-        "std": statistics.stdev(ratios) if len(ratios) > 1 else float("nan"),
-        "ci95": bootstrap_ci(ratios),
-        "t_ci95": t_interval(ratios),
-    }
-
-
 def summarise(results: list[dict]) -> list[dict]:
     """Per variant: FD (and held-out loss) mean ± std over seeds, and the paired ratio to stock with its CI.
 
@@ -465,119 +426,6 @@ def summarise_heldout(runs: list[dict], stock_by_seed: dict[int, dict]) -> dict:
     }
 
 
-def ratio_cell(mean: float, bootstrap: list[float], student: list[float], digits: int) -> str:
-    """`mean [bootstrap CI] t [Student-t CI]`."""
-    return f"{mean:.{digits}f} [{bootstrap[0]:.{digits}f}, {bootstrap[1]:.{digits}f}] t [{student[0]:.{digits}f}, {student[1]:.{digits}f}]"
-
-
-def table(rows: list[dict], budget: Budget, name: str) -> str:
-    """The comparison as a Markdown table, its first line stating what each number is made of."""
-    heldout = "heldout_mean" in rows[0]
-    seeds = rows[0]["seeds"]
-    # A comparison still running has some variants at fewer seeds: then each row names its own.
-    uniform = all(row["seeds"] == seeds for row in rows)
-    seed_text = (
-        f"{len(seeds)} seeds ({', '.join(map(str, seeds))})" if uniform else "the seeds each row names"
-    )
-    header = (
-        f"`{name}`: {seed_text}, {budget.steps} steps at batch {budget.batch}; "
-        f"FD (classifier features) of {budget.samples} DDIM-{budget.ddim_steps} samples per run"
-    )
-    if heldout:
-        header += f"; held-out loss on {rows[0]['heldout_images']} test images"
-    header += (
-        ". Ratios are to stock at the same seed: mean [95 % percentile-bootstrap CI over seeds] "
-        "t [95 % Student-t CI over seeds]."
-    )
-    columns = ["variant", *([] if uniform else ["seeds"]), "parameters", "FD mean ± std", "FD ratio to stock"]
-    if heldout:
-        columns += [
-            "held-out loss mean ± std",
-            "held-out ratio to stock",
-            "held-out ratio per band, low t → high t",
-        ]
-    lines = [header, "", "| " + " | ".join(columns) + " |", "|---|" + "---:|" * (len(columns) - 1)]
-    for row in rows:
-        cells = [
-            row["variant"],
-            *([] if uniform else [", ".join(map(str, row["seeds"]))]),
-            f"{row['parameters']:,}",
-            f"{row['fd_mean']:.3f} ± {row['fd_std']:.3f}",
-            ratio_cell(
-                row["ratio_to_stock_mean"], row["ratio_to_stock_ci95"], row["ratio_to_stock_t_ci95"], 3
-            ),
-        ]
-        if heldout:
-            cells += [
-                f"{row['heldout_mean']:.5f} ± {row['heldout_std']:.5f}",
-                ratio_cell(
-                    row["heldout_ratio_mean"], row["heldout_ratio_ci95"], row["heldout_ratio_t_ci95"], 4
-                ),
-                ", ".join(f"{band['ratio_mean']:.3f}" for band in row["heldout_band_ratios"]),
-            ]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def draw_fd_vs_step(results: list[dict], path: Path) -> None:
-    """FD during training: each seed's curve thin, the variant's mean over its seeds bold, one colour per variant."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axes = plt.subplots(figsize=(6.5, 4))
-    curves_by_variant = {
-        variant: [dict(r["fd_vs_step"]) for r in results if r["variant"] == variant and r["fd_vs_step"]]
-        for variant in VARIANTS
-    }
-    drawn = [(variant, curves) for variant, curves in curves_by_variant.items() if curves]
-    for colour, (variant, curves) in enumerate(drawn):
-        for curve in curves:
-            axes.plot(list(curve), list(curve.values()), color=f"C{colour}", alpha=0.3, linewidth=0.8)
-        steps = sorted(set.intersection(*(set(curve) for curve in curves)))
-        mean = [statistics.mean(curve[step] for curve in curves) for step in steps]
-        label = f"{variant} (mean of {len(curves)})" if len(curves) > 1 else variant
-        axes.plot(steps, mean, color=f"C{colour}", linewidth=2, marker="o", markersize=3, label=label)
-    axes.set_xlabel("optimizer step")
-    axes.set_ylabel("FD (classifier features), during training")
-    axes.set_yscale("log")
-    axes.legend(fontsize=8)
-    figure.tight_layout()
-    figure.savefig(path, dpi=150)
-    plt.close(figure)
-
-
-def draw_sample_grids(results: list[dict], out: Path, path: Path) -> None:
-    """The final sample grid of each variant's first seed, side by side."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.image
-    import matplotlib.pyplot as plt
-
-    grids = []
-    for variant in VARIANTS:
-        runs = sorted((r for r in results if r["variant"] == variant), key=lambda r: r["seed"])
-        samples = (
-            sorted((out / variant / f"seed-{runs[0]['seed']}" / "model" / "samples").glob("*.png"))
-            if runs
-            else []
-        )
-        if samples:
-            grids.append((variant, matplotlib.image.imread(samples[-1])))
-    if not grids:
-        return
-    figure, axes = plt.subplots(1, len(grids), figsize=(2.6 * len(grids), 2.9), squeeze=False)
-    for axis, (variant, grid) in zip(axes[0], grids):
-        axis.imshow(grid, cmap="gray")
-        axis.set_title(variant, fontsize=9)
-        axis.axis("off")
-    figure.tight_layout()
-    figure.savefig(path, dpi=150)
-    plt.close(figure)
-
-
 def run_pilot(budget: Budget, out: Path, threads: int | None) -> None:
     """Stock at seed 0 for `pilot_steps`, FD every `pilot_eval_every` steps: the curve the step count comes from."""
     if not budget.pilot_steps:
@@ -586,7 +434,7 @@ def run_pilot(budget: Budget, out: Path, threads: int | None) -> None:
     result = train_and_measure(
         "stock", 0, pilot, out / "stock" / "seed-0", reference_statistics(pilot, out), threads
     )
-    draw_fd_vs_step([result], out / "fd_vs_step.png")
+    draw_fd_vs_step([result], ["stock"], out / "fd_vs_step.png")
     seconds = result.get("train_seconds")
     seconds_per_step = seconds / pilot.steps if seconds is not None else None
     summary = {
@@ -665,8 +513,8 @@ def write_summary(results: list[dict], budget: Budget, name: str, out: Path) -> 
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     markdown = table(rows, budget, name)
     (out / "summary.md").write_text(markdown)
-    draw_fd_vs_step(results, out / "fd_vs_step.png")
-    draw_sample_grids(results, out, out / "samples.png")
+    draw_fd_vs_step(results, list(VARIANTS), out / "fd_vs_step.png")
+    draw_sample_grids(results, list(VARIANTS), out, out / "samples.png")
     return markdown
 
 

@@ -1,6 +1,6 @@
 """The benchmark commands end to end at their smallest settings: what they print and write, not how fast it is."""
 
-import importlib.util
+import importlib
 import json
 import math
 import os
@@ -188,31 +188,40 @@ def test_correlation_benchmark_trains_a_variant_once_and_tabulates_the_report_ke
     assert {path: path.read_text() for path in logs} == logs
 
 
-def load_quality():
-    spec = importlib.util.spec_from_file_location("quality", REPOSITORY / "benchmarks" / "quality.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+@pytest.fixture
+def benchmarks_on_path(monkeypatch):
+    """benchmarks/ on the import path, as when a script there runs: its modules import each other by name."""
+    monkeypatch.syspath_prepend(str(REPOSITORY / "benchmarks"))
 
 
-def test_bootstrap_ci_matches_a_hand_computation():
-    quality = load_quality()
+@pytest.fixture
+def quality(benchmarks_on_path):
+    return importlib.import_module("quality")
+
+
+@pytest.fixture
+def paired_statistics(benchmarks_on_path):
+    return importlib.import_module("paired_statistics")
+
+
+def test_bootstrap_ci_matches_a_hand_computation(paired_statistics):
     # Resampling the 4 seeds of [1, 2, 3, 4]: a mean <= 1.25 has probability (1 + 4) / 4**4 = 2.0 %, a mean <= 1.5
     # (1 + 4 + 10) / 256 = 5.9 %, so the 2.5th percentile is 1.5, and by symmetry the 97.5th is 3.5.
-    assert quality.bootstrap_ci([1, 2, 3, 4]) == [1.5, 3.5]
-    assert quality.bootstrap_ci([3, 1, 4, 2]) == [1.5, 3.5]
-    assert quality.bootstrap_ci([1.0, 1.0, 1.0]) == [1.0, 1.0]
-    assert all(math.isnan(bound) for bound in quality.bootstrap_ci([2.0]))
+    assert paired_statistics.bootstrap_ci([1, 2, 3, 4]) == [1.5, 3.5]
+    assert paired_statistics.bootstrap_ci([3, 1, 4, 2]) == [1.5, 3.5]
+    assert paired_statistics.bootstrap_ci([1.0, 1.0, 1.0]) == [1.0, 1.0]
+    assert all(math.isnan(bound) for bound in paired_statistics.bootstrap_ci([2.0]))
 
 
-def test_t_interval_matches_a_hand_computation():
-    quality = load_quality()
+def test_t_interval_matches_a_hand_computation(paired_statistics):
     # [1, 2, 3, 4]: mean 2.5, standard error sqrt(5/3) / 2, and t(0.975, 3 degrees of freedom) = 3.18245.
     half_width = 3.182446 * math.sqrt(5 / 3) / 2
-    assert quality.t_interval([4, 1, 3, 2]) == pytest.approx([2.5 - half_width, 2.5 + half_width], rel=1e-6)
+    assert paired_statistics.t_interval([4, 1, 3, 2]) == pytest.approx(
+        [2.5 - half_width, 2.5 + half_width], rel=1e-6
+    )
     # Wider than the bootstrap interval of the same 4 values, which only sees their spread.
-    assert quality.t_interval([1, 2, 3, 4])[1] > quality.bootstrap_ci([1, 2, 3, 4])[1]
-    assert all(math.isnan(bound) for bound in quality.t_interval([2.0]))
+    assert paired_statistics.t_interval([1, 2, 3, 4])[1] > paired_statistics.bootstrap_ci([1, 2, 3, 4])[1]
+    assert all(math.isnan(bound) for bound in paired_statistics.t_interval([2.0]))
 
 
 def fake_run(variant: str, seed: int, loss: float, num_images: int = 8) -> dict:
@@ -227,8 +236,7 @@ def fake_run(variant: str, seed: int, loss: float, num_images: int = 8) -> dict:
     }  # fmt: skip
 
 
-def test_held_out_losses_are_paired_only_when_measured_alike():
-    quality = load_quality()
+def test_held_out_losses_are_paired_only_when_measured_alike(quality):
     runs = [
         fake_run("stock", 0, 2.0),
         fake_run("stock", 1, 4.0),
@@ -243,8 +251,7 @@ def test_held_out_losses_are_paired_only_when_measured_alike():
         quality.summarise(runs)
 
 
-def test_a_table_of_unequal_seed_sets_names_each_rows_seeds():
-    quality = load_quality()
+def test_a_table_of_unequal_seed_sets_names_each_rows_seeds(quality):
     runs = [fake_run("stock", 0, 2.0), fake_run("stock", 1, 4.0), fake_run("dia-global", 1, 3.0)]
     table = quality.table(quality.summarise(runs), quality.BUDGETS["smoke"], "smoke")
     assert (
@@ -256,8 +263,7 @@ def test_a_table_of_unequal_seed_sets_names_each_rows_seeds():
     assert "2 seeds (0, 1)" in table and "| stock | 1 |" in table
 
 
-def test_a_variant_is_tabulated_only_beside_stock_at_the_same_seed(tmp_path):
-    quality = load_quality()
+def test_a_variant_is_tabulated_only_beside_stock_at_the_same_seed(quality, tmp_path):
     runs = [fake_run("stock", 0, 2.0), fake_run("dia-global", 0, 1.0), fake_run("dia-global", 1, 9.0)]
     dia = quality.summarise(runs)[1]
     assert dia["seeds"] == [0] and dia["fd_per_seed"] == [1.0] and dia["ratio_to_stock_mean"] == 0.5
@@ -270,8 +276,7 @@ def test_a_variant_is_tabulated_only_beside_stock_at_the_same_seed(tmp_path):
     assert not any(tmp_path.iterdir())
 
 
-def test_a_cached_result_counts_only_under_its_own_settings(tmp_path):
-    quality = load_quality()
+def test_a_cached_result_counts_only_under_its_own_settings(quality, tmp_path):
     settings = quality.run_settings(quality.BUDGETS["digits8"], None)
     result_file = tmp_path / "result.json"
     result_file.write_text(json.dumps({"fd_classifier": 1.0, "settings": settings}))
@@ -284,8 +289,9 @@ def test_a_cached_result_counts_only_under_its_own_settings(tmp_path):
     assert quality.cached_result(result_file, settings)["fd_classifier"] == 2.0
 
 
-def test_train_commands_of_the_earlier_budgets_are_unchanged_and_retrofits_start_from_stock(tmp_path):
-    quality = load_quality()
+def test_train_commands_of_the_earlier_budgets_are_unchanged_and_retrofits_start_from_stock(
+    quality, tmp_path
+):
     command = quality.train_command("dia-global", 2, quality.BUDGETS["cpu"], tmp_path)
     assert command[1:] == [
         "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no",

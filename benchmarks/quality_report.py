@@ -1,0 +1,123 @@
+"""What a comparison of `quality.py` shows: its Markdown table, the FD-vs-step figure and the sample grids."""
+
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from quality import Budget
+
+
+def ratio_cell(mean: float, bootstrap: list[float], student: list[float], digits: int) -> str:
+    """`mean [bootstrap CI] t [Student-t CI]`."""
+    return f"{mean:.{digits}f} [{bootstrap[0]:.{digits}f}, {bootstrap[1]:.{digits}f}] t [{student[0]:.{digits}f}, {student[1]:.{digits}f}]"
+
+
+def table(rows: list[dict], budget: Budget, name: str) -> str:
+    """The comparison as a Markdown table, its first line stating what each number is made of."""
+    heldout = "heldout_mean" in rows[0]
+    seeds = rows[0]["seeds"]
+    # A comparison still running has some variants at fewer seeds: then each row names its own.
+    uniform = all(row["seeds"] == seeds for row in rows)
+    seed_text = (
+        f"{len(seeds)} seeds ({', '.join(map(str, seeds))})" if uniform else "the seeds each row names"
+    )
+    header = (
+        f"`{name}`: {seed_text}, {budget.steps} steps at batch {budget.batch}; "
+        f"FD (classifier features) of {budget.samples} DDIM-{budget.ddim_steps} samples per run"
+    )
+    if heldout:
+        header += f"; held-out loss on {rows[0]['heldout_images']} test images"
+    header += (
+        ". Ratios are to stock at the same seed: mean [95 % percentile-bootstrap CI over seeds] "
+        "t [95 % Student-t CI over seeds]."
+    )
+    columns = ["variant", *([] if uniform else ["seeds"]), "parameters", "FD mean ± std", "FD ratio to stock"]
+    if heldout:
+        columns += [
+            "held-out loss mean ± std",
+            "held-out ratio to stock",
+            "held-out ratio per band, low t → high t",
+        ]
+    lines = [header, "", "| " + " | ".join(columns) + " |", "|---|" + "---:|" * (len(columns) - 1)]
+    for row in rows:
+        cells = [
+            row["variant"],
+            *([] if uniform else [", ".join(map(str, row["seeds"]))]),
+            f"{row['parameters']:,}",
+            f"{row['fd_mean']:.3f} ± {row['fd_std']:.3f}",
+            ratio_cell(
+                row["ratio_to_stock_mean"], row["ratio_to_stock_ci95"], row["ratio_to_stock_t_ci95"], 3
+            ),
+        ]
+        if heldout:
+            cells += [
+                f"{row['heldout_mean']:.5f} ± {row['heldout_std']:.5f}",
+                ratio_cell(
+                    row["heldout_ratio_mean"], row["heldout_ratio_ci95"], row["heldout_ratio_t_ci95"], 4
+                ),
+                ", ".join(f"{band['ratio_mean']:.3f}" for band in row["heldout_band_ratios"]),
+            ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def draw_fd_vs_step(results: list[dict], variants: list[str], path: Path) -> None:
+    """FD during training: each seed's curve thin, the variant's mean over its seeds bold, one colour per variant."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(6.5, 4))
+    curves_by_variant = {
+        variant: [dict(r["fd_vs_step"]) for r in results if r["variant"] == variant and r["fd_vs_step"]]
+        for variant in variants
+    }
+    drawn = [(variant, curves) for variant, curves in curves_by_variant.items() if curves]
+    for colour, (variant, curves) in enumerate(drawn):
+        for curve in curves:
+            axes.plot(list(curve), list(curve.values()), color=f"C{colour}", alpha=0.3, linewidth=0.8)
+        steps = sorted(set.intersection(*(set(curve) for curve in curves)))
+        mean = [statistics.mean(curve[step] for curve in curves) for step in steps]
+        label = f"{variant} (mean of {len(curves)})" if len(curves) > 1 else variant
+        axes.plot(steps, mean, color=f"C{colour}", linewidth=2, marker="o", markersize=3, label=label)
+    axes.set_xlabel("optimizer step")
+    axes.set_ylabel("FD (classifier features), during training")
+    axes.set_yscale("log")
+    axes.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=150)
+    plt.close(figure)
+
+
+def draw_sample_grids(results: list[dict], variants: list[str], out: Path, path: Path) -> None:
+    """The final sample grid of each variant's first seed, side by side."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.image
+    import matplotlib.pyplot as plt
+
+    grids = []
+    for variant in variants:
+        runs = sorted((r for r in results if r["variant"] == variant), key=lambda r: r["seed"])
+        samples = (
+            sorted((out / variant / f"seed-{runs[0]['seed']}" / "model" / "samples").glob("*.png"))
+            if runs
+            else []
+        )
+        if samples:
+            grids.append((variant, matplotlib.image.imread(samples[-1])))
+    if not grids:
+        return
+    figure, axes = plt.subplots(1, len(grids), figsize=(2.6 * len(grids), 2.9), squeeze=False)
+    for axis, (variant, grid) in zip(axes[0], grids):
+        axis.imshow(grid, cmap="gray")
+        axis.set_title(variant, fontsize=9)
+        axis.axis("off")
+    figure.tight_layout()
+    figure.savefig(path, dpi=150)
+    plt.close(figure)
