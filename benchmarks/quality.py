@@ -19,14 +19,16 @@ dataset: "FD (classifier features)", not FID.
 Paired design: every variant trains from the same seeds, so the same seed gives the same initial backbone weights,
 data order and noise in every variant. For every variant the table gives the FD mean ± std over seeds and the
 ratio to stock at the same seed with a 95 % percentile-bootstrap confidence interval over seeds and the Student-t
-interval of the same mean; likewise for the held-out loss, overall and per timestep band. With 5 seeds the
-percentile bootstrap is about a third narrower than the t interval: "differs" needs both to exclude 1.
+interval of the same mean; likewise for the held-out loss, and per timestep band its ratio with the bootstrap
+interval. With 5 seeds the percentile bootstrap is about a third narrower than the t interval: "differs" needs both
+to exclude 1.
 
 Interruptions: each run's folder ends with `result.json`, so a finished run is never trained again; the new budgets
-checkpoint every few hundred steps and the training command always carries `--resume_from_checkpoint latest`, so an
-interrupted run continues from its last checkpoint, not from step 0. A comparison can span several sittings.
-`result.json` records the settings the run was trained and measured with (and a retrofit's the sha256 of the model
-it started from): a cached run whose settings differ from the budget's is refused, never mixed into a table.
+checkpoint every 500 (CPU) to 2000 (GPU) steps and the training command always carries `--resume_from_checkpoint
+latest`, so an interrupted run continues from its last checkpoint, not from step 0. A comparison can span several
+sittings. `result.json` records the settings the run was trained and measured with (and a retrofit's the sha256 of
+the model it started from): a cached run whose settings differ from the budget's is refused, never mixed into a
+table.
 
 Budgets. `digits8` and `fmnist16` take about 2.5 and 6 hours on a 2-core CPU with `--jobs 2` (their `retrofit-`
 budgets about an hour each); their default variants were chosen before any of their runs. Their step counts are
