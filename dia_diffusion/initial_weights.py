@@ -171,14 +171,19 @@ def same_setting(first: Any, second: Any) -> bool:
 
 
 def load_initial_unet(config: "TrainingConfig") -> UNet2DModel:
-    """The model a run with `init_unet` starts from: the saved UNet, retrofitted with DIA when `unet` asks for it."""
+    """The model a run with `init_unet` starts from, in training mode: the saved UNet, retrofitted with DIA when
+    `unet` asks for it."""
     folder = locate_unet_folder(config.init_unet)
     model_class, _ = saved_config(folder)
     attention = UNET_VARIANTS[config.unet]
     try:
         if attention is None or model_class is DIAUNet2DModel:
-            return model_class.from_pretrained(folder)
-        return DIAUNet2DModel.from_pretrained(folder, dia_attention=attention, **config.dia_options())
+            unet = model_class.from_pretrained(folder)
+        else:
+            unet = DIAUNet2DModel.from_pretrained(folder, dia_attention=attention, **config.dia_options())
     except (OSError, ValueError, RuntimeError) as error:
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise InitialUNetError(f"--init_unet '{config.init_unet}' cannot be loaded: {reason}") from None
+    # diffusers' from_pretrained returns a model in eval mode, which would train without dropout; a retrofit is
+    # built in training mode, so a stock continuation would not see the noise of its paired retrofit either.
+    return unet.train()
