@@ -115,6 +115,13 @@ def test_the_layout_comes_from_the_checkpoint(stock_pipeline, tmp_path):
     assert config.unet_config["norm_num_groups"] == 4
     unet = load_initial_unet(config)
     assert unet.config.dia_attention == "se_per_layer" and list(unet.config.block_out_channels) == [8, 16]
+    # The identity gate is only the retrofit's default: options given explicitly shape the retrofitted model.
+    chosen = run_config(
+        "digits", tmp_path / "chosen", init_unet=str(stock_pipeline), unet="dia", dia_sharing="per_width",
+        dia_gate="sigmoid",
+    )  # fmt: skip
+    retrofitted = load_initial_unet(chosen)
+    assert (retrofitted.config.dia_sharing, retrofitted.config.dia_gate) == ("per_width", "sigmoid")
 
 
 def test_a_dia_checkpoint_loads_as_it_is(tmp_path):
@@ -123,9 +130,25 @@ def test_a_dia_checkpoint_loads_as_it_is(tmp_path):
     folder = save_pipeline(saved, tmp_path / "dia")
     config = run_config("digits", tmp_path / "run", init_unet=str(folder))
     assert (config.unet, config.dia_sharing, config.dia_reduction) == ("dia", "per_width", 2)
+    # A DIA checkpoint keeps its own gate: the retrofit's identity default does not apply to it.
+    assert config.dia_gate == saved.config.dia_gate == "sigmoid"
     loaded = load_initial_unet(config)
     for name, value in saved.state_dict().items():
         assert torch.equal(loaded.state_dict()[name], value), name
+
+
+def test_weights_that_cannot_be_loaded_are_refused_with_the_reason(stock_pipeline, tmp_path):
+    folder = tmp_path / "corrupt"
+    shutil.copytree(stock_pipeline / "unet", folder)
+    (folder / "diffusion_pytorch_model.safetensors").write_bytes(b"not weights")
+    for unet in ("stock", "dia"):
+        config = run_config("digits", tmp_path / unet, init_unet=str(folder), unet=unet)
+        with pytest.raises(InitialUNetError) as raised:
+            load_initial_unet(config)
+        # One line that names the source and says why, in the loader's own words.
+        message = str(raised.value)
+        assert message.startswith(f"--init_unet '{folder}' cannot be loaded: Unable to load weights"), message
+        assert "\n" not in message
 
 
 def refusal(settings: dict, match: str) -> None:
