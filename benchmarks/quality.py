@@ -30,8 +30,8 @@ sittings. `result.json` records the settings the run was trained and measured wi
 the model it started from): a cached run whose settings differ from the budget's is refused, never mixed into a
 table.
 
-Budgets. `digits8` and `fmnist16` take about 2.5 and 6 hours on a 2-core CPU with `--jobs 2` (their `retrofit-`
-budgets about an hour each); their default variants were chosen before any of their runs. Their step counts are
+Budgets. `digits8` and `fmnist16` take about 3 and 7 hours on a 2-core CPU with `--jobs 2` (their `retrofit-`
+budgets about 1 and 1.5-2 hours); their default variants were chosen before any of their runs. Their step counts are
 taken from the pilot: `--pilot` trains stock at seed 0 for `pilot_steps` with an FD evaluation every
 `pilot_eval_every` steps and draws FD vs step (`<out>/pilot/fd_vs_step.png`). With the constant learning rate of
 these recipes, the pilot run up to step N is the budget's N-step stock run at seed 0, so `steps` is set where
@@ -140,7 +140,7 @@ RESULT_NEUTRAL_FIELDS = ("seeds", "variants", "pilot_steps", "pilot_eval_every",
 # digits 0.70 at 4000 steps, 0.60-0.84 from 4500 to 12000; Fashion-MNIST 2.51 at 4500, 2.10-2.71 from 5000 to 8000.
 # A digits step (demo layout, batch 64) costs about 0.12 s of one core, a 16x16 Fashion-MNIST step at batch 32 about
 # 0.3 s; FD, held-out loss and start-up add about 1 minute per digits run and 3 per Fashion-MNIST run. At --jobs 2
-# the 30 runs of digits8 take about 2.5 hours and those of fmnist16 about 6: a comparison of several sittings.
+# the 30 runs of digits8 take about 3 hours and those of fmnist16 about 7: a comparison of several sittings.
 DIGITS8 = Budget(
     preset="demo", dataset="digits", resolution=8, steps=4000, batch=64, samples=1000, ddim_steps=25,
     eval_every=1000, eval_samples=300, seeds=(0, 1, 2, 3, 4), variants=DECIDING_VARIANTS, heldout_images=297,
