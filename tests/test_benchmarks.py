@@ -152,6 +152,12 @@ def test_quality_smoke_tabulates_and_resumes_from_cached_runs(tmp_path):
         assert "--seed 1000 " in command and f"--init_unet {base / 'model'}" in command
     dia = json.loads((retrofits / "dia-global" / "seed-0" / "model" / "unet" / "config.json").read_text())
     assert dia["dia_gate"] == "identity"
+    # Both start from what the stock model computes, on the same data and noise: their first logged losses agree.
+    (stock_step, stock_loss), (dia_step, dia_loss) = (
+        json.loads((retrofits / variant / "seed-0" / "result.json").read_text())["first_logged_loss"]
+        for variant in ("stock", "dia-global")
+    )
+    assert stock_step == dia_step and dia_loss == pytest.approx(stock_loss, rel=1e-4)
 
     # A cached run is reused only under the settings it was run with.
     record = json.loads((base / "result.json").read_text())
@@ -274,6 +280,26 @@ def test_a_variant_is_tabulated_only_beside_stock_at_the_same_seed(quality, tmp_
     )
     assert refused.returncode == 2 and "--variants must include stock" in refused.stderr
     assert not any(tmp_path.iterdir())
+
+
+def test_a_retrofit_comparison_whose_paired_runs_did_not_start_alike_is_refused(quality):
+    def run(variant: str, seed: int, first_logged_loss: tuple[int, float] | None) -> dict:
+        logged = {} if first_logged_loss is None else {"first_logged_loss": first_logged_loss}
+        return {"variant": variant, "seed": seed, **logged}
+
+    runs = [
+        run("stock", 0, (10, 0.0383125)),
+        run("dia-global", 0, (10, 0.0383126)),
+        run("stock", 1, (10, 0.045)),
+    ]
+    assert quality.check_paired_starts(runs) == []
+    # Runs recorded before the check are named, not refused.
+    assert quality.check_paired_starts([*runs, run("dia-global", 1, None)]) == ["dia-global seed 1"]
+    # A stock continuation that drew other noise (0.0433 against 0.0383) is refused by name.
+    with pytest.raises(SystemExit, match="dia-global and stock at seed 1 did not start alike"):
+        quality.check_paired_starts([*runs, run("dia-global", 1, (10, 0.0433))])
+    with pytest.raises(SystemExit, match="at step 20 against stock's 0.045 at step 10"):
+        quality.check_paired_starts([*runs, run("dia-global", 1, (20, 0.045))])
 
 
 def test_a_cached_result_counts_only_under_its_own_settings(quality, tmp_path):
