@@ -256,18 +256,20 @@ def test_every_start_trains_with_dropout_and_a_continuation_pairs_with_its_retro
     torch.manual_seed(0)
     stock = save_pipeline(UNet2DModel(**TINY_GREY_UNET, dropout=0.5), tmp_path / "stock-pipeline")
     dia = save_pipeline(DIAUNet2DModel(**TINY_GREY_UNET, dropout=0.5).eval(), tmp_path / "dia-pipeline")
-    first_steps = {}
+    steps = []
     real_loss = training.diffusion_loss
 
-    def records_the_first_step(unet, noise_scheduler, clean_images):
+    def records_each_step(unet, noise_scheduler, clean_images):
         loss = real_loss(unet, noise_scheduler, clean_images)
-        first_steps.setdefault(len(first_steps), (all(m.training for m in unet.modules()), loss.item()))
+        steps.append((all(m.training for m in unet.modules()), loss.item()))
         return loss
 
-    monkeypatch.setattr(training, "diffusion_loss", records_the_first_step)
-    for name, source, unet in (("stock", stock, "stock"), ("retrofit", stock, "dia"), ("dia", dia, "dia")):
+    monkeypatch.setattr(training, "diffusion_loss", records_each_step)
+    starts = (("stock", stock, "stock"), ("retrofit", stock, "dia"), ("dia", dia, "dia"))
+    for name, source, unet in starts:
         train(run_config(tiny_dataset, tmp_path / name, init_unet=str(source), unet=unet, max_train_steps=1))
-        first_steps[name] = first_steps.pop(len(first_steps) - 1)
+    # One step per run.
+    first_steps = dict(zip([name for name, _, _ in starts], steps, strict=True))
 
     assert all(in_training_mode for in_training_mode, _ in first_steps.values()), first_steps
     # Same batch, noise, timesteps and dropout masks, and the identity gate: the same loss to the last bit.
