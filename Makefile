@@ -4,9 +4,9 @@ VENV := .venv
 INSTALLED := $(VENV)/.installed
 MUTATION_INSTALLED := $(VENV)/.mutation-installed
 # What `make mutation` mutates (mutmut's mutant names): the DIA modules and the training step's parts.
-MUTATION_TARGETS := "dia_diffusion.dia_cell.*" "dia_diffusion.channel_attention.*" "dia_diffusion.unet_dia.*" \
-	"dia_diffusion.training.x_diffusion_loss*" "dia_diffusion.training.x_random_horizontal_flip*" \
-	"dia_diffusion.training.x_training_step*"
+MUTATION_TARGETS := "dia_diffusion.models.dia_cell.*" "dia_diffusion.models.channel_attention.*" "dia_diffusion.models.unet_2d_dia.*" \
+	"dia_diffusion.training.loop.x_diffusion_loss*" "dia_diffusion.training.loop.x_random_horizontal_flip*" \
+	"dia_diffusion.training.loop.x_training_step*"
 
 .PHONY: install test demo lint format mutation
 

@@ -47,7 +47,7 @@ def analyse_variant(variant: str, budget_name: str, out: Path, num_images: int, 
     if not (run_dir / "model" / "model_index.json").is_file():
         run_command(train_command(variant, 0, budget, run_dir), log, threads)
     analyse = [
-        sys.executable, "-m", "dia_diffusion.cli", "analyze-correlation", "--model", str(run_dir / "model"),
+        sys.executable, "-m", "dia_diffusion.commands.cli", "analyze-correlation", "--model", str(run_dir / "model"),
         "--dataset", budget.dataset, "--split", "test", "--num_images", str(num_images),
         "--out_dir", str(run_dir),
     ]  # fmt: skip

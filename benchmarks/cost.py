@@ -23,7 +23,7 @@ import torch
 from diffusers import DDIMPipeline, DDIMScheduler, UNet2DModel
 
 from dia_diffusion import DIAUNet2DModel
-from dia_diffusion.parameter_count import count_parameters, preset_unet_config
+from dia_diffusion.commands.params import count_parameters, preset_unet_config
 
 DDPM_CIFAR10 = preset_unet_config("cifar10-ddpm")
 QUICK = dict(

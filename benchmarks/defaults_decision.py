@@ -25,10 +25,10 @@ import math
 from pathlib import Path
 
 import torch
-from quality import BUDGETS, DECIDING_VARIANTS, VARIANTS  # benchmarks/quality.py, beside this script
+from quality_budgets import BUDGETS, DECIDING_VARIANTS, VARIANTS  # benchmarks/, beside this script
 
-from dia_diffusion.parameter_count import count_parameters, preset_unet_config
-from dia_diffusion.presets import build_unet
+from dia_diffusion.commands.params import count_parameters, preset_unet_config
+from dia_diffusion.training.presets import build_unet
 
 REPOSITORY = Path(__file__).resolve().parent.parent
 DECIDING_BUDGETS = ("digits8", "fmnist16")

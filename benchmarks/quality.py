@@ -47,157 +47,22 @@ import dataclasses
 import json
 import os
 import platform
-import statistics
 import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from dataclasses import dataclass
 from pathlib import Path
 
 from diffusers import DDPMPipeline
-from paired_statistics import paired_ratio  # benchmarks/, beside this script
+from quality_budgets import BUDGETS, RESULT_NEUTRAL_FIELDS, VARIANTS, Budget
 from quality_report import draw_fd_vs_step, draw_sample_grids, table
+from quality_summary import check_paired_starts, summarise
 
-# Importing the package also registers DIAUNet2DModel for the pipeline loader.
-from dia_diffusion.feature_extractors import folder_weights_sha256
-from dia_diffusion.parameter_count import count_parameters
-from dia_diffusion.presets import PRESETS
+from dia_diffusion.commands.params import count_parameters
+from dia_diffusion.runtime.file_digests import folder_weights_sha256
+from dia_diffusion.training.presets import PRESETS
 
 REPOSITORY = Path(__file__).resolve().parent.parent
-VARIANTS = {
-    "stock": ["--unet", "stock"],
-    "se-per-layer": ["--unet", "se-per-layer"],
-    "se-shared": ["--unet", "se-shared"],
-    "dia-global": ["--unet", "dia", "--dia_sharing", "global"],
-    "dia-per-width": ["--unet", "dia", "--dia_sharing", "per_width"],
-    "dia-per-block": ["--unet", "dia", "--dia_sharing", "per_block"],
-    # The gate question: the same model with an identity-at-init gate instead of the paper's sigmoid.
-    "dia-identity-gate": ["--unet", "dia", "--dia_sharing", "global", "--dia_gate", "identity"],
-    # Attention that can follow the noise level, and a global cell that runs at the widest width.
-    "dia-timestep": ["--unet", "dia", "--dia_sharing", "global", "--dia_condition", "timestep"],
-    "dia-widest": ["--unet", "dia", "--dia_sharing", "global", "--dia_global_cell", "widest"],
-    "dia-widest-timestep": [
-        "--unet",
-        "dia",
-        "--dia_sharing",
-        "global",
-        "--dia_global_cell",
-        "widest",
-        "--dia_condition",
-        "timestep",
-    ],  # fmt: skip
-    "dia-per-block-timestep": ["--unet", "dia", "--dia_sharing", "per_block", "--dia_condition", "timestep"],
-}
-EARLIER_VARIANTS = tuple(list(VARIANTS)[:7])
-# Chosen before the runs: the baseline, SE in every resnet, today's default DIA, and the adaptive DIA variants.
-DECIDING_VARIANTS = (
-    "stock",
-    "se-per-layer",
-    "dia-global",
-    "dia-timestep",
-    "dia-widest-timestep",
-    "dia-per-block-timestep",
-)
-# Under --init_unet every DIA variant starts with the identity gate; dia-widest-timestep combines both adaptive
-# changes, chosen before the runs as "the best adaptive variant".
-RETROFIT_VARIANTS = ("stock", "dia-global", "dia-widest-timestep")
-
-
-@dataclass(frozen=True)
-class Budget:
-    """What every run of a comparison trains and measures; the same for every variant."""
-
-    preset: str
-    dataset: str
-    resolution: int
-    steps: int
-    batch: int
-    samples: int  # FD samples per run (DDIM with ddim_steps)
-    ddim_steps: int
-    eval_every: int  # FD during training, for the FD-vs-step figure
-    eval_samples: int
-    flags: tuple[str, ...] = ()  # further training flags
-    channels: int = 1
-    seeds: tuple[int, ...] = (0, 1, 2)
-    variants: tuple[str, ...] = EARLIER_VARIANTS
-    heldout_images: int = 0  # test images of the held-out loss (0: not measured)
-    checkpointing_steps: int = 0  # 0: the preset's
-    pilot_steps: int = 0
-    pilot_eval_every: int = 0
-    base: str | None = None  # a retrofit budget continues the stock models of this budget
-    seed_offset: int = 0  # a run at seed s trains with --seed s + seed_offset
-
-
-# Which runs make up a comparison, and how often they checkpoint: neither changes what a run computes. The other
-# Budget fields are how each run is trained and measured.
-RESULT_NEUTRAL_FIELDS = ("seeds", "variants", "pilot_steps", "pilot_eval_every", "checkpointing_steps")
-
-
-# `cpu` is Fashion-MNIST with the fmnist-32 UNet layout at 16x16: 32x32 costs 1.8 s per step on one CPU thread,
-# 16x16 0.43 s, which puts 7 variants x 3 seeds at about 2 hours on 2 cores (`--jobs 2`). Its 1000 steps need a
-# larger learning rate and a shorter warmup than the preset's 20k-step recipe. `digits` is a smaller stand-in.
-# `digits8` and `fmnist16`: the step counts are where stock's FD flattened in each pilot (quality-<budget>/pilot/):
-# digits 0.70 at 4000 steps, 0.60-0.84 from 4500 to 12000; Fashion-MNIST 2.51 at 4500, 2.10-2.71 from 5000 to 8000.
-# A digits step (demo layout, batch 64) costs about 0.12 s of one core, a 16x16 Fashion-MNIST step at batch 32 about
-# 0.3 s; FD, held-out loss and start-up add about 1 minute per digits run and 3 per Fashion-MNIST run. At --jobs 2
-# the 30 runs of digits8 take about 3 hours and those of fmnist16 about 7: a comparison of several sittings.
-DIGITS8 = Budget(
-    preset="demo", dataset="digits", resolution=8, steps=4000, batch=64, samples=1000, ddim_steps=25,
-    eval_every=1000, eval_samples=300, seeds=(0, 1, 2, 3, 4), variants=DECIDING_VARIANTS, heldout_images=297,
-    checkpointing_steps=500, flags=("--eval_inference_steps", "25"), pilot_steps=12000, pilot_eval_every=500,
-)  # fmt: skip
-FMNIST16 = Budget(
-    preset="fmnist-32", dataset="fashion_mnist", resolution=16, steps=4500, batch=32, samples=2000, ddim_steps=25,
-    eval_every=1500, eval_samples=200, seeds=(0, 1, 2, 3, 4), variants=DECIDING_VARIANTS, heldout_images=1000,
-    checkpointing_steps=500, pilot_steps=8000, pilot_eval_every=500,
-    flags=("--learning_rate", "1e-3", "--lr_warmup_steps", "100", "--sample_inference_steps", "100",
-           "--eval_inference_steps", "25"),
-)  # fmt: skip
-# The gpu budgets: the fmnist-32 recipe at 32x32 (20k steps at batch 128), Fashion-MNIST, and CIFAR-10 in colour
-# with the same layout; 10k FD samples and the whole test split for the held-out loss.
-GPU = Budget(
-    preset="fmnist-32", dataset="fashion_mnist", resolution=32, steps=20000, batch=128, samples=10000,
-    ddim_steps=50, eval_every=2500, eval_samples=2000, seeds=(0, 1, 2, 3, 4), variants=DECIDING_VARIANTS,
-    heldout_images=10000, checkpointing_steps=2000, flags=("--sample_inference_steps", "100"),
-    pilot_steps=60000, pilot_eval_every=2500,
-)  # fmt: skip
-GPU_CIFAR10 = dataclasses.replace(GPU, dataset="cifar10", channels=3, steps=40000, pilot_steps=100000)
-
-
-def retrofit(base: str, steps: int, checkpointing_steps: int) -> Budget:
-    """Continue each seed's stock model of `base` for `steps` more steps with its recipe (a fresh optimizer), as
-    stock and as retrofitted DIA."""
-    return dataclasses.replace(
-        BUDGETS[base],
-        base=base,
-        steps=steps,
-        eval_every=steps // 2,
-        checkpointing_steps=checkpointing_steps,
-        variants=RETROFIT_VARIANTS,
-        pilot_steps=0,
-        pilot_eval_every=0,
-        seed_offset=1000,
-    )
-
-
-BUDGETS = {
-    "smoke": Budget(preset="demo", dataset="digits", resolution=8, steps=4, batch=8, samples=64, ddim_steps=5,
-                    eval_every=2, eval_samples=32, flags=("--sample_inference_steps", "5")),
-    "digits": Budget(preset="demo", dataset="digits", resolution=8, steps=800, batch=64, samples=1000,
-                     ddim_steps=25, eval_every=200, eval_samples=300, flags=("--eval_inference_steps", "100")),
-    "cpu": Budget(preset="fmnist-32", dataset="fashion_mnist", resolution=16, steps=1000, batch=64, samples=2000,
-                  ddim_steps=25, eval_every=500, eval_samples=200,
-                  flags=("--learning_rate", "1e-3", "--lr_warmup_steps", "100", "--sample_inference_steps", "100")),
-    "digits8": DIGITS8,
-    "fmnist16": FMNIST16,
-    "gpu": GPU,
-    "gpu-cifar10": GPU_CIFAR10,
-}  # fmt: skip
-BUDGETS["retrofit-digits8"] = retrofit("digits8", steps=2000, checkpointing_steps=500)
-BUDGETS["retrofit-fmnist16"] = retrofit("fmnist16", steps=1500, checkpointing_steps=500)
-BUDGETS["gpu-retrofit"] = retrofit("gpu", steps=5000, checkpointing_steps=1000)
-BUDGETS["retrofit-smoke"] = retrofit("smoke", steps=4, checkpointing_steps=2)
 
 
 def train_command(
@@ -253,7 +118,7 @@ def reference_statistics(budget: Budget, out: Path) -> Path:
     if not path.is_file():
         out.mkdir(parents=True, exist_ok=True)
         command = [
-            sys.executable, "-m", "dia_diffusion.cli", "ref", dataset, "--feature", "classifier",
+            sys.executable, "-m", "dia_diffusion.commands.cli", "ref", dataset, "--feature", "classifier",
             "--resolution", str(budget.resolution), "--channels", str(budget.channels), "--num_samples", "100000",
             "--out", str(path),
         ]  # fmt: skip
@@ -290,7 +155,7 @@ def train_and_measure(
             f"quality.py: error: {model} was trained from {trained_from}, not the base run's model"
         )
     measure = [
-        sys.executable, "-m", "dia_diffusion.cli", "fid", "--real", str(reference), "--fake", str(model),
+        sys.executable, "-m", "dia_diffusion.commands.cli", "fid", "--real", str(reference), "--fake", str(model),
         "--feature", "classifier", "--num_samples", str(budget.samples), "--scheduler", "ddim",
         "--num_inference_steps", str(budget.ddim_steps), "--seed", "0", "--json",
     ]  # fmt: skip
@@ -315,7 +180,7 @@ def train_and_measure(
         result["init_unet"] = str(init_unet)
     if budget.heldout_images:
         heldout = [
-            sys.executable, "-m", "dia_diffusion.cli", "heldout-loss", "--model", str(model),
+            sys.executable, "-m", "dia_diffusion.commands.cli", "heldout-loss", "--model", str(model),
             "--dataset", budget.dataset, "--split", "test", "--num_images", str(budget.heldout_images),
             "--seed", "0",
         ]  # fmt: skip
@@ -325,35 +190,6 @@ def train_and_measure(
     partial.write_text(json.dumps(result, indent=1))
     os.replace(partial, result_file)
     return result
-
-
-# A retrofit with the identity gate computes at step 0 exactly what its stock checkpoint computes, and every variant
-# of a seed draws the same data order and noise, so the paired runs' first logged training loss (the mean over the
-# first log window) differs only by what the first updates of the DIA gain change: about 1e-6 of it on
-# retrofit-fmnist16. A gap this much larger means the runs were not paired.
-PAIRED_START_TOLERANCE = 1e-3
-
-
-def check_paired_starts(results: list[dict]) -> list[str]:
-    """Refuses a retrofit comparison whose paired runs did not start alike; returns the runs that predate the record
-    it needs (`first_logged_loss`) and so were not checked."""
-    stock_by_seed = {run["seed"]: run for run in results if run["variant"] == "stock"}
-    unchecked = []
-    for run in results:
-        stock = stock_by_seed.get(run["seed"])
-        if stock is None or run is stock:
-            continue
-        if "first_logged_loss" not in run or "first_logged_loss" not in stock:
-            unchecked.append(f"{run['variant']} seed {run['seed']}")
-            continue
-        (step, loss), (stock_step, stock_loss) = run["first_logged_loss"], stock["first_logged_loss"]
-        if step != stock_step or abs(loss - stock_loss) > PAIRED_START_TOLERANCE * abs(stock_loss):
-            raise SystemExit(
-                f"quality.py: error: {run['variant']} and stock at seed {run['seed']} did not start alike: first "
-                f"logged training loss {loss:.6g} at step {step} against stock's {stock_loss:.6g} at step "
-                f"{stock_step}, although a retrofit starts from what stock computes, on the same data and noise"
-            )
-    return unchecked
 
 
 def run_settings(budget: Budget, init_unet: Path | None) -> dict:
@@ -383,77 +219,6 @@ def cached_result(result_file: Path, settings: dict) -> dict:
             "this budget's; move it away to run it again"
         )
     return result
-
-
-def summarise(results: list[dict]) -> list[dict]:
-    """Per variant: FD (and held-out loss) mean ± std over seeds, and the paired ratio to stock with its CI.
-
-    Every variant trains from the same seeds (initial backbone weights, data order, noise), so the paired ratio
-    cancels the part of the seed-to-seed spread that all variants share. A run whose seed has no stock run (yet) is
-    left out, so that each row's mean and ratio cover the seeds it names.
-    """
-    stock_by_seed = {r["seed"]: r for r in results if r["variant"] == "stock"}
-    if not stock_by_seed:
-        raise SystemExit(
-            "quality.py: error: no stock run to pair the variants with: include stock in --variants"
-        )
-    heldout = all("heldout" in r for r in results)
-    if heldout and len({json.dumps(heldout_protocol(r)) for r in results}) > 1:
-        raise SystemExit(
-            "quality.py: error: the runs' held-out losses were measured on different test images, timesteps or noise"
-        )
-    rows = []
-    for variant in VARIANTS:
-        paired = (r for r in results if r["variant"] == variant and r["seed"] in stock_by_seed)
-        runs = sorted(paired, key=lambda r: r["seed"])
-        if not runs:
-            continue
-        values = [r["fd_classifier"] for r in runs]
-        fd_ratio = paired_ratio(runs, stock_by_seed, lambda run: run["fd_classifier"])
-        row = {
-            "variant": variant,
-            "parameters": runs[0]["parameters"],
-            "seeds": [r["seed"] for r in runs],
-            "fd_mean": statistics.mean(values),
-            "fd_std": statistics.stdev(values) if len(values) > 1 else float("nan"),
-            "fd_per_seed": values,
-            "ratio_to_stock_mean": fd_ratio["mean"],
-            "ratio_to_stock_std": fd_ratio["std"],
-            "ratio_to_stock_ci95": fd_ratio["ci95"],
-            "ratio_to_stock_t_ci95": fd_ratio["t_ci95"],
-        }
-        if heldout:
-            row.update(summarise_heldout(runs, stock_by_seed))
-        rows.append(row)
-    return rows
-
-
-def heldout_protocol(run: dict) -> dict:
-    """What a run's held-out loss was measured on; runs are compared only when it is the same."""
-    measured = run["heldout"]
-    return {
-        **{key: measured[key] for key in ("dataset", "split", "num_images", "seed")},
-        "bands": [(band["band"], band["timesteps"]) for band in measured["per_band"]],
-    }
-
-
-def summarise_heldout(runs: list[dict], stock_by_seed: dict[int, dict]) -> dict:
-    losses = [r["heldout"]["heldout_loss"] for r in runs]
-    overall = paired_ratio(runs, stock_by_seed, lambda run: run["heldout"]["heldout_loss"])
-    bands = []
-    for index, band in enumerate(runs[0]["heldout"]["per_band"]):
-        ratio = paired_ratio(runs, stock_by_seed, lambda run, i=index: run["heldout"]["per_band"][i]["loss"])
-        bands.append({"band": band["band"], "ratio_mean": ratio["mean"], "ratio_ci95": ratio["ci95"]})
-    return {
-        "heldout_images": runs[0]["heldout"]["num_images"],
-        "heldout_mean": statistics.mean(losses),
-        "heldout_std": statistics.stdev(losses) if len(losses) > 1 else float("nan"),
-        "heldout_per_seed": losses,
-        "heldout_ratio_mean": overall["mean"],
-        "heldout_ratio_ci95": overall["ci95"],
-        "heldout_ratio_t_ci95": overall["t_ci95"],
-        "heldout_band_ratios": bands,
-    }
 
 
 def run_pilot(budget: Budget, out: Path, threads: int | None) -> None:

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import statistics
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from quality import Budget
+from quality_budgets import Budget  # benchmarks/, beside this script
 
 
 def ratio_cell(mean: float, bootstrap: list[float], student: list[float], digits: int) -> str:

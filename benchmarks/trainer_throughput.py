@@ -41,7 +41,7 @@ import PIL.Image
 import torch
 from diffusers import UNet2DModel
 
-from dia_diffusion.presets import PRESETS, unet_arguments
+from dia_diffusion.training.presets import PRESETS, unet_arguments
 
 REPOSITORY = Path(__file__).resolve().parent.parent
 TRAINERS = ("ours", "example")

@@ -12,8 +12,8 @@ it was. Image i is seeded seed + i, so it is the same whatever --batch_size or t
 import argparse
 import sys
 
-from dia_diffusion.cli import OneLineArgumentParser, run_reporting_errors
-from dia_diffusion.sampling import SCHEDULERS, process_state, sample_to_folder
+from dia_diffusion.commands.cli import OneLineArgumentParser, run_reporting_errors
+from dia_diffusion.pipelines.sampling import SCHEDULERS, process_state, sample_to_folder
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -25,7 +25,7 @@ TINY_DATASET_SIZE = 24
 
 
 def save_tiny_dataset(folder: Path) -> str:
-    from dia_diffusion.data import load_image_dataset
+    from dia_diffusion.data.image_datasets import load_image_dataset
 
     load_image_dataset("digits").select(range(TINY_DATASET_SIZE)).save_to_disk(str(folder))
     return str(folder)
@@ -85,6 +85,12 @@ def isolated_accelerate():
         torch.set_num_threads(threads)
         AcceleratorState._reset_state(reset_partial_state=True)
         GradientState._reset_state()
+
+
+@pytest.fixture(scope="module")
+def classifier_cache(tmp_path_factory) -> str:
+    """XDG_CACHE_HOME for the runs that evaluate: the metric's classifier trains once per test module."""
+    return str(tmp_path_factory.mktemp("cache"))
 
 
 @pytest.fixture

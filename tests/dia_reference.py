@@ -6,7 +6,7 @@ W_x and W_h are Linear(C, C/r) -> ReLU -> Linear(C/r, 4C). SE: σ(W2·ReLU(W1·s
 
 import torch
 
-from dia_diffusion.dia_cell import DIALSTMCell
+from dia_diffusion.models.dia_cell import DIALSTMCell
 
 
 def affine(x: torch.Tensor, layer: torch.nn.Linear) -> torch.Tensor:

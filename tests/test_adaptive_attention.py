@@ -10,8 +10,8 @@ from diffusers import UNet2DModel
 from test_unet_dia import build, loss_and_gradients
 
 from dia_diffusion import DIAUNet2DModel
-from dia_diffusion.channel_attention import ChannelAttention, ResnetSite
-from dia_diffusion.parameter_count import count_parameters, parameter_counts, preset_unet_config
+from dia_diffusion.commands.params import count_parameters, parameter_counts, preset_unet_config
+from dia_diffusion.models.channel_attention import ChannelAttention, ResnetSite
 
 # Every new option, alone and combined, on the sharing modes it applies to.
 NEW_OPTIONS = [

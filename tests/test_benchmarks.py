@@ -16,8 +16,8 @@ import pytest
 import torch
 
 from dia_diffusion import DIAUNet2DModel
-from dia_diffusion.feature_extractors import folder_weights_sha256
-from dia_diffusion.presets import PRESETS, unet_arguments
+from dia_diffusion.runtime.file_digests import folder_weights_sha256
+from dia_diffusion.training.presets import PRESETS, unet_arguments
 
 REPOSITORY = Path(__file__).resolve().parent.parent
 ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}

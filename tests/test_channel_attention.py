@@ -7,14 +7,14 @@ import pytest
 import torch
 from dia_reference import affine, randomised, reference_bottleneck, reference_dia_lstm_step
 
-from dia_diffusion.channel_attention import (
+from dia_diffusion.models.channel_attention import (
     ATTENTION_KINDS,
     GATES,
     SHARING_MODES,
     ChannelAttention,
     ResnetSite,
 )
-from dia_diffusion.dia_cell import DIALSTMCell, SqueezeExciteCell
+from dia_diffusion.models.dia_cell import DIALSTMCell, SqueezeExciteCell
 
 # Five resnets in three blocks: a lone narrow resnet, two wide ones, two narrow ones.
 SITES = (ResnetSite(0, 8), ResnetSite(1, 16), ResnetSite(1, 16), ResnetSite(2, 8), ResnetSite(2, 8))

@@ -9,8 +9,9 @@ from conftest import TINY_GREY_UNET
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 
 from dia_diffusion import DIAUNet2DModel
-from dia_diffusion.cli import main as cli_main
-from dia_diffusion.correlation import (
+from dia_diffusion.commands.cli import main as cli_main
+from dia_diffusion.commands.params import preset_unet_config
+from dia_diffusion.evaluation.correlation import (
     aligned_pairs,
     input_variation,
     layer_correlation,
@@ -20,7 +21,6 @@ from dia_diffusion.correlation import (
     residual_streams,
     timestep_variation,
 )
-from dia_diffusion.parameter_count import preset_unet_config
 
 
 def test_layer_correlation_is_the_mean_per_input_pearson_r():

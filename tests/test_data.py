@@ -14,8 +14,8 @@ import pytest
 import torch
 from sklearn.datasets import load_digits
 
-from dia_diffusion import data
-from dia_diffusion.data import (
+from dia_diffusion.data import image_datasets as data
+from dia_diffusion.data.image_datasets import (
     DatasetSpecError,
     add_training_transform,
     image_transform,

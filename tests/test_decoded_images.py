@@ -5,9 +5,9 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from dia_diffusion import decoded_images
-from dia_diffusion.data import add_training_transform, load_image_dataset
-from dia_diffusion.decoded_images import DecodedImages, training_pixels
+from dia_diffusion.data import decoded_images
+from dia_diffusion.data.decoded_images import DecodedImages, training_pixels
+from dia_diffusion.data.image_datasets import add_training_transform, load_image_dataset
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ import torch
 from diffusers import UNet2DModel
 
 from dia_diffusion import DIAUNet2DModel
-from dia_diffusion.parameter_count import count_parameters, preset_unet_config
+from dia_diffusion.commands.params import count_parameters, preset_unet_config
 
 REPOSITORY = Path(__file__).resolve().parent.parent
 SEEDS = [0, 1, 2, 3, 4]

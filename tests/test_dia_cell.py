@@ -4,7 +4,7 @@ import pytest
 import torch
 from dia_reference import randomised, reference_bottleneck, reference_dia_lstm_step
 
-from dia_diffusion.dia_cell import DIALSTMCell, SqueezeExciteCell
+from dia_diffusion.models.dia_cell import DIALSTMCell, SqueezeExciteCell
 
 CHANNELS = 8
 

@@ -7,8 +7,8 @@ from conftest import ALL_BLOCKS_CONFIG, inputs, tiny_config
 from diffusers import UNet2DModel
 
 from dia_diffusion import DIAUNet2DModel
-from dia_diffusion.channel_attention import SHARING_MODES
-from dia_diffusion.parameter_count import count_parameters
+from dia_diffusion.commands.params import count_parameters
+from dia_diffusion.models.channel_attention import SHARING_MODES
 
 # Layouts and every code path of the stock forward that DIAUNet2DModel.forward re-implements.
 LAYOUTS = {

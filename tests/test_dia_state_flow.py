@@ -8,7 +8,7 @@ from conftest import ALL_BLOCKS_CONFIG, TINY_GREY_UNET, inputs, tiny_config
 from diffusers import UNet2DModel
 
 from dia_diffusion import DIAUNet2DModel
-from dia_diffusion.channel_attention import ATTENTION_KINDS, GATES, SHARING_MODES
+from dia_diffusion.models.channel_attention import ATTENTION_KINDS, GATES, SHARING_MODES
 
 # (block, width) of each resnet in forward order: down 0, down 1, mid, up 0, up 1.
 GREY_SITES = [(0, 8), (1, 16), (2, 16), (2, 16), (3, 16), (3, 16), (4, 8), (4, 8)]

@@ -20,11 +20,10 @@ from conftest import TINY_GREY_UNET
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 from torch import nn
 
-from dia_diffusion import frechet
-from dia_diffusion.cli import main as cli_main
-from dia_diffusion.data import load_image_dataset, to_uint8_images
-from dia_diffusion.evaluation import PipelineEvaluator
-from dia_diffusion.feature_extractors import (
+from dia_diffusion.commands.cli import main as cli_main
+from dia_diffusion.data.image_datasets import load_image_dataset, to_uint8_images
+from dia_diffusion.evaluation import frechet
+from dia_diffusion.evaluation.feature_extractors import (
     INCEPTION_WEIGHTS_ENV,
     INCEPTION_WEIGHTS_FILE,
     INCEPTION_WEIGHTS_URL,
@@ -34,8 +33,9 @@ from dia_diffusion.feature_extractors import (
     build_feature_extractor,
     resolve_inception_weights,
 )
-from dia_diffusion.frechet import FeatureStatistics, frechet_distance_between
-from dia_diffusion.sampling import load_pipeline, sample_to_folder
+from dia_diffusion.evaluation.frechet import FeatureStatistics, frechet_distance_between
+from dia_diffusion.evaluation.pipeline_evaluator import PipelineEvaluator
+from dia_diffusion.pipelines.sampling import load_pipeline, sample_to_folder
 
 CORRUPTION_LEVELS = (0.0, 0.1, 0.25, 0.5)
 
@@ -541,8 +541,8 @@ def test_evaluator_matches_the_fid_command_and_leaves_the_model_as_it_was(
 EVALUATE_ON_EVERY_PROCESS = """
 import json, sys
 from accelerate import Accelerator
-from dia_diffusion.evaluation import PipelineEvaluator
-from dia_diffusion.sampling import load_pipeline
+from dia_diffusion.evaluation.pipeline_evaluator import PipelineEvaluator
+from dia_diffusion.pipelines.sampling import load_pipeline
 
 accelerator = Accelerator(cpu=True)
 evaluator = PipelineEvaluator("digits", num_samples=9, num_inference_steps=2, cache_dir=sys.argv[2],

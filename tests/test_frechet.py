@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import scipy.linalg
 
-from dia_diffusion.frechet import FeatureStatistics, frechet_distance, frechet_distance_between
+from dia_diffusion.evaluation.frechet import FeatureStatistics, frechet_distance, frechet_distance_between
 
 
 def scipy_frechet_distance(features_a: np.ndarray, features_b: np.ndarray) -> float:

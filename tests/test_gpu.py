@@ -10,8 +10,8 @@ import torch
 from diffusers import DDIMPipeline, DDIMScheduler
 
 from dia_diffusion import DIAUNet2DModel
-from dia_diffusion.training import train
-from dia_diffusion.training_config import resolve_config
+from dia_diffusion.training.config import resolve_config
+from dia_diffusion.training.loop import train
 
 pytestmark = pytest.mark.gpu
 DEVICE = "cuda"

@@ -11,8 +11,8 @@ from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 from diffusers.models.unets.unet_2d import UNet2DOutput
 
 from dia_diffusion import DIAUNet2DModel
-from dia_diffusion.cli import main as cli_main
-from dia_diffusion.heldout_loss import band_timesteps, heldout_loss
+from dia_diffusion.commands.cli import main as cli_main
+from dia_diffusion.evaluation.heldout_loss import band_timesteps, heldout_loss
 
 
 class PredictsZero(torch.nn.Module):

@@ -12,13 +12,16 @@ from accelerate.state import AcceleratorState, GradientState
 from conftest import TINY_GREY_UNET
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 
-from dia_diffusion import DIAUNet2DModel, initial_weights, training
-from dia_diffusion.checkpointing import RunIdentityError
-from dia_diffusion.data import load_image_dataset
-from dia_diffusion.feature_extractors import file_sha256
-from dia_diffusion.initial_weights import InitialUNetError, load_initial_unet
-from dia_diffusion.training import train
-from dia_diffusion.training_config import resolve_config
+from dia_diffusion import DIAUNet2DModel
+from dia_diffusion.data.image_datasets import load_image_dataset
+from dia_diffusion.runtime.file_digests import file_sha256
+from dia_diffusion.training import ema as training_ema
+from dia_diffusion.training import initial_weights
+from dia_diffusion.training import step as training_steps
+from dia_diffusion.training.checkpointing import RunIdentityError
+from dia_diffusion.training.config import resolve_config
+from dia_diffusion.training.initial_weights import InitialUNetError, load_initial_unet
+from dia_diffusion.training.loop import train
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -67,7 +70,7 @@ def test_retrofit_starts_from_exactly_what_the_checkpoint_computes(
     sample, timesteps = torch.randn(3, 1, 8, 8), torch.tensor([1, 50, 99])
     first_outputs, initial_ema = [], []
 
-    real_loss = training.diffusion_loss
+    real_loss = training_steps.diffusion_loss
 
     def records_the_first_forward(unet, noise_scheduler, clean_images):
         if not first_outputs:
@@ -77,13 +80,13 @@ def test_retrofit_starts_from_exactly_what_the_checkpoint_computes(
             unet.train()
         return real_loss(unet, noise_scheduler, clean_images)
 
-    class RecordedEMA(training.EMAModel):
+    class RecordedEMA(training_ema.EMAModel):
         def __init__(self, parameters, **kwargs):
             super().__init__(parameters, **kwargs)
             initial_ema.append([shadow.clone() for shadow in self.shadow_params])
 
-    monkeypatch.setattr(training, "diffusion_loss", records_the_first_forward)
-    monkeypatch.setattr(training, "EMAModel", RecordedEMA)
+    monkeypatch.setattr(training_steps, "diffusion_loss", records_the_first_forward)
+    monkeypatch.setattr(training_ema, "EMAModel", RecordedEMA)
     config = run_config(tiny_dataset, tmp_path / "run", init_unet=str(stock_pipeline), unet="dia")
     result = train(config)
 
@@ -113,14 +116,14 @@ def test_the_layout_comes_from_the_checkpoint(stock_pipeline, tmp_path):
     assert list(config.unet_config["down_block_types"]) == ["DownBlock2D", "DownBlock2D"]
     assert (config.resolution, config.channels) == (8, 1)
     assert config.unet_config["norm_num_groups"] == 4
-    unet = load_initial_unet(config)
+    unet = load_initial_unet(config.init_unet, config.unet, config.dia_options())
     assert unet.config.dia_attention == "se_per_layer" and list(unet.config.block_out_channels) == [8, 16]
     # The identity gate is only the retrofit's default: options given explicitly shape the retrofitted model.
     chosen = run_config(
         "digits", tmp_path / "chosen", init_unet=str(stock_pipeline), unet="dia", dia_sharing="per_width",
         dia_gate="sigmoid",
     )  # fmt: skip
-    retrofitted = load_initial_unet(chosen)
+    retrofitted = load_initial_unet(chosen.init_unet, chosen.unet, chosen.dia_options())
     assert (retrofitted.config.dia_sharing, retrofitted.config.dia_gate) == ("per_width", "sigmoid")
 
 
@@ -132,7 +135,7 @@ def test_a_dia_checkpoint_loads_as_it_is(tmp_path):
     assert (config.unet, config.dia_sharing, config.dia_reduction) == ("dia", "per_width", 2)
     # A DIA checkpoint keeps its own gate: the retrofit's identity default does not apply to it.
     assert config.dia_gate == saved.config.dia_gate == "sigmoid"
-    loaded = load_initial_unet(config)
+    loaded = load_initial_unet(config.init_unet, config.unet, config.dia_options())
     for name, value in saved.state_dict().items():
         assert torch.equal(loaded.state_dict()[name], value), name
 
@@ -144,7 +147,7 @@ def test_weights_that_cannot_be_loaded_are_refused_with_the_reason(stock_pipelin
     for unet in ("stock", "dia"):
         config = run_config("digits", tmp_path / unet, init_unet=str(folder), unet=unet)
         with pytest.raises(InitialUNetError) as raised:
-            load_initial_unet(config)
+            load_initial_unet(config.init_unet, config.unet, config.dia_options())
         # One line that names the source and says why, in the loader's own words.
         message = str(raised.value)
         assert message.startswith(f"--init_unet '{folder}' cannot be loaded: Unable to load weights"), message
@@ -257,14 +260,14 @@ def test_every_start_trains_with_dropout_and_a_continuation_pairs_with_its_retro
     stock = save_pipeline(UNet2DModel(**TINY_GREY_UNET, dropout=0.5), tmp_path / "stock-pipeline")
     dia = save_pipeline(DIAUNet2DModel(**TINY_GREY_UNET, dropout=0.5).eval(), tmp_path / "dia-pipeline")
     steps = []
-    real_loss = training.diffusion_loss
+    real_loss = training_steps.diffusion_loss
 
     def records_each_step(unet, noise_scheduler, clean_images):
         loss = real_loss(unet, noise_scheduler, clean_images)
         steps.append((all(m.training for m in unet.modules()), loss.item()))
         return loss
 
-    monkeypatch.setattr(training, "diffusion_loss", records_each_step)
+    monkeypatch.setattr(training_steps, "diffusion_loss", records_each_step)
     starts = (("stock", stock, "stock"), ("retrofit", stock, "dia"), ("dia", dia, "dia"))
     for name, source, unet in starts:
         train(run_config(tiny_dataset, tmp_path / name, init_unet=str(source), unet=unet, max_train_steps=1))

@@ -11,8 +11,9 @@ import torch
 from conftest import TINY_GREY_UNET
 from diffusers import DDIMPipeline, DDPMPipeline, DDPMScheduler, UNet2DModel
 
-from dia_diffusion import DIAUNet2DModel, sampling
-from dia_diffusion.sampling import (
+from dia_diffusion import DIAUNet2DModel
+from dia_diffusion.pipelines import sampling
+from dia_diffusion.pipelines.sampling import (
     SamplingError,
     generate,
     load_pipeline,

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from dia_diffusion.checkpointing import (
+from dia_diffusion.training.checkpointing import (
     CheckpointNotFoundError,
     RunIdentityError,
     check_output_dir,

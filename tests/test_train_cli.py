@@ -18,15 +18,15 @@ import PIL.Image
 import pytest
 from accelerate import Accelerator
 
-from dia_diffusion import training
-from dia_diffusion.checkpointing import (
+from dia_diffusion.runtime.folder_lock import lock_folder
+from dia_diffusion.training import step as training_steps
+from dia_diffusion.training.checkpointing import (
     CHECKPOINT_STEP_FILENAME,
     checkpoint_step,
     find_latest_checkpoint,
     write_run_record,
 )
-from dia_diffusion.folder_lock import lock_folder
-from dia_diffusion.training_config import resolve_config, run_record
+from dia_diffusion.training.config import resolve_config, run_record
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = REPO_ROOT / "train" / "train_ddpm.py"
@@ -219,7 +219,7 @@ def assert_stopped(stderr: str, signal_name: str, checkpoint: Path) -> None:
 def test_ctrl_c_stops_with_one_line_and_keeps_the_last_checkpoint(
     script, capsys, tiny_dataset, tmp_path, monkeypatch
 ):
-    real_loss = training.diffusion_loss
+    real_loss = training_steps.diffusion_loss
     calls = {"count": 0}
 
     def ctrl_c_during_step_5(*args):
@@ -228,7 +228,7 @@ def test_ctrl_c_stops_with_one_line_and_keeps_the_last_checkpoint(
             signal.raise_signal(signal.SIGINT)
         return real_loss(*args)
 
-    monkeypatch.setattr(training, "diffusion_loss", ctrl_c_during_step_5)
+    monkeypatch.setattr(training_steps, "diffusion_loss", ctrl_c_during_step_5)
     run_dir = tmp_path / "run"
     flags = [*tiny_run_flags(tiny_dataset), "--max_train_steps", "50", "--checkpointing_steps", "2"]
     code, stderr = run_script(script, capsys, run_dir, *flags)
@@ -279,7 +279,7 @@ time.sleep(600)
 
 def test_a_folder_another_process_holds_is_refused_until_that_process_dies(script, capsys, tmp_path):
     run_dir = tmp_path / "run"
-    module = REPO_ROOT / "dia_diffusion" / "folder_lock.py"
+    module = REPO_ROOT / "dia_diffusion" / "runtime" / "folder_lock.py"
     holder = subprocess.Popen(
         [sys.executable, "-c", LOCK_HOLDER, str(module), str(run_dir)], stdout=subprocess.PIPE, text=True
     )

@@ -1,8 +1,8 @@
 """The training loop on a tiny UNet: smoke, bitwise-exact resume, interrupted saves, the non-finite guard and the
 recovery from it, corrupt checkpoints, stop signals, mixed precision on a CPU, two CPU processes in step, and what one
 observed run shows (sampling and evaluation leave the weights alone, one EMA decay per optimizer step, clipped
-gradients, flips, the prediction type); the step's parts (loss target, flip, clipping) against hand computations. Run
-as a script, this file is the worker of the two-process test."""
+gradients, flips, the prediction type). The step's parts are tested in test_train_step.py. Run as a script, this file
+is the worker of the two-process test."""
 
 import json
 import os
@@ -11,55 +11,35 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
-from conftest import TINY_DATASET_SIZE, TINY_GREY_UNET, isolated_accelerate
-from diffusers import DDPMPipeline, DDPMScheduler
-from diffusers.training_utils import EMAModel
+from diffusers import DDPMPipeline
 from safetensors.torch import load_file
-from torch.optim.optimizer import register_optimizer_step_pre_hook
+from tiny_training import TINY_UNET, assert_same_weights, read_metrics, tiny_config
 
-from dia_diffusion import DIAUNet2DModel, training
-from dia_diffusion.checkpointing import (
+from dia_diffusion import DIAUNet2DModel
+from dia_diffusion.evaluation.pipeline_evaluator import PipelineEvaluator
+from dia_diffusion.runtime.interruption import RunInterrupted, stop_on_signals
+from dia_diffusion.training import loop as training
+from dia_diffusion.training import step as training_steps
+from dia_diffusion.training.checkpointing import (
     CheckpointLoadError,
     RunIdentityError,
     checkpoint_step,
     find_latest_checkpoint,
 )
-from dia_diffusion.data import add_training_transform, load_image_dataset
-from dia_diffusion.evaluation import PipelineEvaluator
-from dia_diffusion.interruption import RunInterrupted, stop_on_signals
-from dia_diffusion.training import (
-    EMA_WARMUP_POWER,
-    NonFiniteLossError,
-    TrainingResult,
-    diffusion_loss,
-    ema_weights,
-    random_horizontal_flip,
-    train,
-    training_step,
-)
-from dia_diffusion.training_config import (
-    PREDICTION_TYPES,
-    TrainingConfig,
+from dia_diffusion.training.config import (
     TrainingConfigError,
-    resolve_config,
+)
+from dia_diffusion.training.loop import train
+from dia_diffusion.training.step import (
+    NonFiniteLossError,
 )
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-TINY_UNET = {
-    "block_out_channels": (8, 16),
-    "layers_per_block": 1,
-    "down_block_types": ("DownBlock2D", "AttnDownBlock2D"),
-    "up_block_types": ("AttnUpBlock2D", "UpBlock2D"),
-    "attention_head_dim": 4,
-    "norm_num_groups": 4,
-    "dropout": 0.1,
-}
 pytestmark = pytest.mark.usefixtures("isolated_run")
 
 
@@ -74,8 +54,8 @@ def reset_accelerate_state() -> None:
 
 
 def loss_with_nan_at_call(call: int):
-    """training.diffusion_loss, except that its `call`-th call returns NaN."""
-    real_loss = training.diffusion_loss
+    """training_steps.diffusion_loss, except that its `call`-th call returns NaN."""
+    real_loss = training_steps.diffusion_loss
     calls = {"count": 0}
 
     def loss(*args):
@@ -84,55 +64,6 @@ def loss_with_nan_at_call(call: int):
         return value * float("nan") if calls["count"] == call else value
 
     return loss
-
-
-def tiny_config(dataset: str, output_dir: Path, **overrides) -> TrainingConfig:
-    settings = {
-        "dataset": dataset,
-        "output_dir": str(output_dir),
-        "unet_config": TINY_UNET,
-        "max_train_steps": 4,
-        "train_batch_size": 4,
-        "learning_rate": 1e-3,
-        "lr_warmup_steps": 2,
-        "checkpointing_steps": 2,
-        "log_every": 1,
-        "logger": "none",
-        "num_sample_images": 4,
-        "sample_inference_steps": 2,
-        "eval_every": 0,
-        **overrides,
-    }
-    return resolve_config("demo", settings)
-
-
-@pytest.fixture(scope="module")
-def classifier_cache(tmp_path_factory) -> str:
-    """XDG_CACHE_HOME for the runs that evaluate: the metric's classifier trains once for the module."""
-    return str(tmp_path_factory.mktemp("cache"))
-
-
-def assert_same_weights(expected: TrainingResult, actual: TrainingResult) -> None:
-    """The two runs ended with bitwise the same training weights and EMA weights."""
-    for (name, value), other in zip(expected.unet.named_parameters(), actual.unet.parameters(), strict=True):
-        assert torch.equal(value, other), name
-    for shadow, other in zip(expected.ema.shadow_params, actual.ema.shadow_params, strict=True):
-        assert torch.equal(shadow, other)
-
-
-def watch_the_loss(patch: pytest.MonkeyPatch, seen: list) -> None:
-    """Records (clean images, prediction type) for every loss the loop computes while `patch` is active."""
-    real_loss = training.diffusion_loss
-
-    def watched_loss(unet, noise_scheduler, clean_images):
-        seen.append((clean_images.clone(), noise_scheduler.config.prediction_type))
-        return real_loss(unet, noise_scheduler, clean_images)
-
-    patch.setattr(training, "diffusion_loss", watched_loss)
-
-
-def read_metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def test_smoke_run_leaves_a_loadable_ema_pipeline(tiny_dataset, tmp_path):
@@ -206,7 +137,7 @@ def test_resume_after_interruption_is_bitwise_exact(tiny_dataset, tmp_path, monk
     uninterrupted = train(tiny_config(tiny_dataset, tmp_path / "whole", **settings))
     reset_accelerate_state()
 
-    real_loss = training.diffusion_loss
+    real_loss = training_steps.diffusion_loss
     calls = {"count": 0}
 
     def dies_during_step_6(*args):
@@ -215,10 +146,10 @@ def test_resume_after_interruption_is_bitwise_exact(tiny_dataset, tmp_path, monk
             raise SimulatedKill
         return real_loss(*args)
 
-    monkeypatch.setattr(training, "diffusion_loss", dies_during_step_6)
+    monkeypatch.setattr(training_steps, "diffusion_loss", dies_during_step_6)
     with pytest.raises(SimulatedKill):
         train(tiny_config(tiny_dataset, tmp_path / "split", **settings))
-    monkeypatch.setattr(training, "diffusion_loss", real_loss)
+    monkeypatch.setattr(training_steps, "diffusion_loss", real_loss)
     reset_accelerate_state()
 
     skipped = []
@@ -266,7 +197,7 @@ def test_save_killed_midway_then_resume(tiny_dataset, tmp_path, monkeypatch):
 
 
 def test_non_finite_loss_stops_with_the_step_and_keeps_the_checkpoint(tiny_dataset, tmp_path, monkeypatch):
-    monkeypatch.setattr(training, "diffusion_loss", loss_with_nan_at_call(3))
+    monkeypatch.setattr(training_steps, "diffusion_loss", loss_with_nan_at_call(3))
     run_dir = tmp_path / "run"
     with pytest.raises(NonFiniteLossError, match=r"nan at step 3; .*checkpoint-2\)") as raised:
         train(tiny_config(tiny_dataset, run_dir))
@@ -284,13 +215,13 @@ def test_nan_recovery_resumes_in_the_same_folder_at_the_lower_learning_rate(
 ):
     """The documented way out of a NaN: the same command with --resume_from_checkpoint latest --learning_rate
     <lower>. The optimizer must run at the new rate, from the schedule's position, and the record must say so."""
-    real_loss = training.diffusion_loss
-    monkeypatch.setattr(training, "diffusion_loss", loss_with_nan_at_call(3))
+    real_loss = training_steps.diffusion_loss
+    monkeypatch.setattr(training_steps, "diffusion_loss", loss_with_nan_at_call(3))
     run_dir = tmp_path / "run"
     warmup = {"lr_warmup_steps": 4}  # the rate at steps 1-4 is 0, 1/4, 2/4, 3/4 of the base rate
     with pytest.raises(NonFiniteLossError, match="checkpoint-2"):
         train(tiny_config(tiny_dataset, run_dir, **warmup))
-    monkeypatch.setattr(training, "diffusion_loss", real_loss)
+    monkeypatch.setattr(training_steps, "diffusion_loss", real_loss)
     reset_accelerate_state()
 
     used = []  # the optimizer's rate at each optimizer step
@@ -440,202 +371,6 @@ def test_mixed_precision_on_a_cpu_is_what_runs_and_what_is_recorded(tiny_dataset
         assert record["mixed_precision"] == precision
     assert first_loss["bf16"] != first_loss["no"]
     assert first_loss["bf16"] == pytest.approx(first_loss["no"], rel=0.05)
-
-
-OBSERVED_RUN = {
-    "max_train_steps": 4,
-    "gradient_accumulation_steps": 2,
-    "random_flip": True,
-    "prediction_type": "v_prediction",
-    # Far below the gradient norm of a fresh model, so that every optimizer step is clipped.
-    "max_grad_norm": 1e-3,
-    "ema_decay": 0.999,
-    "ema_warmup": True,
-}
-
-
-@pytest.fixture(scope="module")
-def observed_runs(tiny_dataset, classifier_cache, tmp_path_factory):
-    """The same run twice: once watched from the inside (what each loss saw, each EMA update, each optimizer step's
-    gradient), once sampling at every step and evaluating at every second step."""
-    watched = {"losses": [], "ema_updates": [], "gradient_norms": []}
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("XDG_CACHE_HOME", classifier_cache)
-        hook = watch_the_loop(patch, watched)
-        try:
-            with isolated_accelerate():
-                plain = train(tiny_config(tiny_dataset, tmp_path_factory.mktemp("plain"), **OBSERVED_RUN))
-        finally:
-            hook.remove()
-    with pytest.MonkeyPatch.context() as patch, isolated_accelerate():
-        patch.setenv("XDG_CACHE_HOME", classifier_cache)
-        mid_run = {"sample_every": 1, "eval_every": 2, "eval_num_samples": 8, "eval_inference_steps": 2}
-        sampling = train(
-            tiny_config(tiny_dataset, tmp_path_factory.mktemp("sampling"), **OBSERVED_RUN, **mid_run)
-        )
-    return SimpleNamespace(plain=plain, watched=watched, sampling=sampling)
-
-
-def watch_the_loop(patch: pytest.MonkeyPatch, watched: dict):
-    """Records into `watched`; returns the optimizer hook's handle, which the caller removes."""
-    real_ema_step = EMAModel.step
-
-    def watched_ema_step(self, parameters):
-        parameters = list(parameters)
-        watched["ema_updates"].append([parameter.detach().clone() for parameter in parameters])
-        return real_ema_step(self, parameters)
-
-    def record_gradient_norm(optimizer, args, kwargs):
-        if isinstance(optimizer, torch.optim.AdamW):
-            gradients = [p.grad.flatten() for group in optimizer.param_groups for p in group["params"]]
-            watched["gradient_norms"].append(torch.linalg.vector_norm(torch.cat(gradients)).item())
-
-    watch_the_loss(patch, watched["losses"])
-    patch.setattr(EMAModel, "step", watched_ema_step)
-    return register_optimizer_step_pre_hook(record_gradient_norm)
-
-
-def test_sampling_and_evaluating_mid_run_leave_the_trained_weights_unchanged(observed_runs):
-    plain, sampling = observed_runs.plain, observed_runs.sampling
-    assert plain.global_step == sampling.global_step == OBSERVED_RUN["max_train_steps"]
-    assert_same_weights(plain, sampling)
-
-
-def test_the_ema_decays_once_per_optimizer_step_under_gradient_accumulation(observed_runs):
-    updates, steps = observed_runs.watched["ema_updates"], OBSERVED_RUN["max_train_steps"]
-    assert len(updates) == observed_runs.plain.ema.optimization_step == steps
-    # Every update sees new weights: it follows an optimizer step, never a lone micro-batch.
-    for before, after in zip(updates, updates[1:]):
-        assert not all(map(torch.equal, before, after))
-    # By hand: the first update copies the weights; then decay_k = min(ema_decay, 1 - k^-power) at optimizer step k.
-    shadow = [weights.clone() for weights in updates[0]]
-    for step, weights in enumerate(updates[1:], start=1):
-        decay = min(OBSERVED_RUN["ema_decay"], 1 - (1 + step) ** -EMA_WARMUP_POWER)
-        shadow = [decay * s + (1 - decay) * w for s, w in zip(shadow, weights, strict=True)]
-    for expected, actual in zip(shadow, observed_runs.plain.ema.shadow_params, strict=True):
-        torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-7)
-
-
-def test_every_optimizer_step_clips_the_accumulated_gradient(observed_runs):
-    norms = observed_runs.watched["gradient_norms"]
-    assert len(norms) == OBSERVED_RUN["max_train_steps"]
-    assert norms == pytest.approx([OBSERVED_RUN["max_grad_norm"]] * len(norms), rel=1e-3)
-
-
-def test_the_loss_sees_the_prediction_type_and_flipped_training_images(observed_runs, tiny_dataset):
-    losses = observed_runs.watched["losses"]
-    assert len(losses) == OBSERVED_RUN["max_train_steps"] * OBSERVED_RUN["gradient_accumulation_steps"]
-    assert {prediction_type for _, prediction_type in losses} == {OBSERVED_RUN["prediction_type"]}
-    pixels = add_training_transform(load_image_dataset(tiny_dataset), 8, 1, random_flip=False)
-    originals = torch.stack([pixels[index]["pixel_values"] for index in range(TINY_DATASET_SIZE)])
-    seen = torch.cat([images for images, _ in losses])
-
-    def is_among(image, candidates):
-        return any(torch.equal(image, candidate) for candidate in candidates)
-
-    mirrored = [not is_among(image, originals) and is_among(image, originals.flip(-1)) for image in seen]
-    assert all(mirrored[i] or is_among(image, originals) for i, image in enumerate(seen))
-    assert 0.25 < sum(mirrored) / len(seen) < 0.75
-
-
-def test_sampling_under_the_ema_weights_restores_the_weights_the_mode_and_the_random_streams():
-    torch.manual_seed(0)
-    unet = DIAUNet2DModel(**TINY_GREY_UNET)
-    ema = EMAModel(unet.parameters())
-    with torch.no_grad():
-        for parameter in unet.parameters():
-            parameter.add_(1.0)
-    training_weights = [parameter.detach().clone() for parameter in unet.parameters()]
-    random_state = torch.get_rng_state()
-    with ema_weights(ema, unet, torch.device("cpu")):
-        assert not unet.training
-        assert all(map(torch.equal, unet.parameters(), ema.shadow_params))
-        torch.rand(100)  # sampling draws from the global stream
-    assert unet.training
-    assert all(map(torch.equal, unet.parameters(), training_weights))
-    assert torch.equal(torch.get_rng_state(), random_state)
-
-
-@pytest.mark.parametrize("prediction_type", PREDICTION_TYPES)
-def test_the_loss_regresses_the_target_of_the_prediction_type(prediction_type):
-    steps = 10
-    scheduler = DDPMScheduler(num_train_timesteps=steps, prediction_type=prediction_type)
-    generator = torch.Generator().manual_seed(0)
-    clean = torch.rand(256, 1, 2, 2, generator=generator, dtype=torch.float64) * 2 - 1
-    prediction = torch.randn(clean.shape, generator=generator, dtype=torch.float64)
-    seen = {}
-
-    def unet(noisy, timesteps):
-        seen.update(noisy=noisy, timesteps=timesteps)
-        return SimpleNamespace(sample=prediction)
-
-    torch.manual_seed(0)  # the noise and timesteps come from the global stream
-    loss = diffusion_loss(unet, scheduler, clean)
-    timesteps = seen["timesteps"]
-    assert timesteps.min() == 0 and timesteps.max() == steps - 1
-    # x_t = sqrt(ᾱ_t) x_0 + sqrt(1 - ᾱ_t) ε (Ho et al. 2020, eq. 4): recover ε from what the UNet saw.
-    signal = scheduler.alphas_cumprod.double()[timesteps].view(-1, 1, 1, 1)
-    noise = (seen["noisy"] - signal.sqrt() * clean) / (1 - signal).sqrt()
-    assert abs(noise.mean()) < 0.1 and abs(noise.std() - 1) < 0.1
-    target = {
-        "epsilon": noise,
-        "sample": clean,
-        "v_prediction": signal.sqrt() * noise - (1 - signal).sqrt() * clean,  # Salimans & Ho 2022
-    }[prediction_type]
-    assert loss.dtype == torch.float32
-    torch.testing.assert_close(loss, (prediction - target).square().mean().float(), rtol=1e-5, atol=0)
-
-
-def test_random_flip_mirrors_about_half_the_images_left_to_right():
-    images = torch.rand(64, 3, 4, 5, generator=torch.Generator().manual_seed(0))
-    torch.manual_seed(0)
-    flipped = random_horizontal_flip(images)
-    mirrored = [torch.equal(after, before.flip(-1)) for after, before in zip(flipped, images)]
-    kept = [torch.equal(after, before) for after, before in zip(flipped, images)]
-    assert all(m != k for m, k in zip(mirrored, kept))
-    assert 20 < sum(mirrored) < 44
-
-
-def one_training_step(images: torch.Tensor, **settings):
-    """training_step on a tiny DIA UNet with plain SGD at lr 1, so that the update IS the (clipped) gradient."""
-    accelerator = Accelerator()
-    torch.manual_seed(0)
-    unet = DIAUNet2DModel(**TINY_GREY_UNET)
-    optimizer = torch.optim.SGD(unet.parameters(), lr=1.0)
-    unet, optimizer = accelerator.prepare(unet, optimizer)
-    before = [parameter.detach().clone() for parameter in unet.parameters()]
-    config = TrainingConfig(output_dir="unused", **settings)
-    losses = training_step(
-        accelerator, unet, optimizer, DDPMScheduler(num_train_timesteps=10), {"pixel_values": images}, config
-    )
-    update = torch.cat([(p.detach() - b).flatten() for p, b in zip(unet.parameters(), before, strict=True)])
-    return losses, update, unet
-
-
-def test_a_training_step_clips_the_gradient_then_steps_and_clears_it():
-    images = torch.rand(4, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
-    losses, update, unet = one_training_step(images, max_grad_norm=0.01)
-    assert losses.shape == (1,) and torch.isfinite(losses).all()
-    assert torch.linalg.vector_norm(update).item() == pytest.approx(0.01, rel=1e-4)
-    assert all(parameter.grad is None for parameter in unet.parameters())
-
-
-def test_a_training_step_with_a_non_finite_loss_changes_nothing():
-    images = torch.full((4, 1, 8, 8), float("nan"))
-    losses, update, unet = one_training_step(images)
-    assert not torch.isfinite(losses).any()
-    assert not update.any() and all(parameter.grad is None for parameter in unet.parameters())
-
-
-@pytest.mark.parametrize("random_flip", [False, True])
-def test_a_training_step_flips_only_when_asked(random_flip, monkeypatch):
-    images = torch.rand(16, 1, 8, 8, generator=torch.Generator().manual_seed(0))
-    seen = []
-    watch_the_loss(monkeypatch, seen)
-    one_training_step(images, random_flip=random_flip)
-    ((clean_images, _),) = seen
-    unchanged = [torch.equal(after, before) for after, before in zip(clean_images, images)]
-    assert all(unchanged) != random_flip
 
 
 def run_as_rank(dataset: str, run_dir: Path, states_dir: Path) -> None:

@@ -5,8 +5,8 @@ import torch
 from diffusers import UNet2DModel
 
 from dia_diffusion import DIAUNet2DModel
-from dia_diffusion.presets import PRESETS, UNET_VARIANTS, build_unet
-from dia_diffusion.training_config import TrainingConfigError, resolve_config
+from dia_diffusion.training.config import TrainingConfigError, resolve_config
+from dia_diffusion.training.presets import PRESETS, UNET_VARIANTS, build_unet
 
 
 def parameter_count(model: torch.nn.Module) -> int:

@@ -12,9 +12,9 @@ from conftest import ALL_BLOCKS_CONFIG, inputs, tiny_config
 from diffusers import DDIMPipeline, DDIMScheduler, DDPMPipeline, DDPMScheduler, UNet2DModel
 
 from dia_diffusion import DIAUNet2DModel
-from dia_diffusion.channel_attention import ATTENTION_KINDS, GATES, SHARING_MODES
-from dia_diffusion.cli import main as cli_main
-from dia_diffusion.parameter_count import count_parameters, parameter_counts, preset_unet_config
+from dia_diffusion.commands.cli import main as cli_main
+from dia_diffusion.commands.params import count_parameters, parameter_counts, preset_unet_config
+from dia_diffusion.models.channel_attention import ATTENTION_KINDS, GATES, SHARING_MODES
 
 
 def build(seed: int = 0, **config) -> DIAUNet2DModel:

@@ -17,7 +17,11 @@ from pathlib import Path
 # them is still noticed (see follow_launcher).
 LAUNCHER_PID = os.getppid()
 
-from dia_diffusion.checkpointing import (
+from dia_diffusion.commands.cli import EXIT_BAD_INPUT, OneLineArgumentParser
+from dia_diffusion.data.image_datasets import DatasetSpecError
+from dia_diffusion.runtime.folder_lock import FolderInUseError
+from dia_diffusion.runtime.interruption import RunInterrupted, follow_launcher, stop_on_signals
+from dia_diffusion.training.checkpointing import (
     CHECKPOINTS_DIRNAME,
     CheckpointLoadError,
     CheckpointNotFoundError,
@@ -25,14 +29,11 @@ from dia_diffusion.checkpointing import (
     RunIdentityError,
     find_latest_checkpoint,
 )
-from dia_diffusion.cli import EXIT_BAD_INPUT, OneLineArgumentParser
-from dia_diffusion.data import DatasetSpecError
-from dia_diffusion.folder_lock import FolderInUseError
-from dia_diffusion.initial_weights import InitialUNetError
-from dia_diffusion.interruption import RunInterrupted, follow_launcher, stop_on_signals
-from dia_diffusion.presets import PRESETS, UNET_VARIANTS
-from dia_diffusion.training import NonFiniteLossError, train
-from dia_diffusion.training_config import TrainingConfigError, resolve_config
+from dia_diffusion.training.config import TrainingConfigError, resolve_config
+from dia_diffusion.training.initial_weights import InitialUNetError
+from dia_diffusion.training.loop import train
+from dia_diffusion.training.presets import PRESETS, UNET_VARIANTS
+from dia_diffusion.training.step import NonFiniteLossError
 
 EXIT_TRAINING_FAILED = 1
 BAD_INPUT_ERRORS = (

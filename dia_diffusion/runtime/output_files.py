@@ -13,6 +13,21 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
+STAGING_PREFIX = ".staging-"
+
+
+def staging_path(final_path: Path) -> Path:
+    """The hidden sibling a checkpoint (or pipeline) is written into before it is published under its name."""
+    return final_path.with_name(STAGING_PREFIX + final_path.name)
+
+
+def prepare_staging(final_path: Path) -> Path:
+    """Clears what a killed save may have left and returns the empty staging folder for `final_path`."""
+    staging = staging_path(final_path)
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    return staging
+
 
 class OutputPathError(ValueError):
     """An output path that cannot be written as asked; the message is one line naming the flag."""

@@ -17,8 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from dia_diffusion.errors import first_line
-from dia_diffusion.output_files import write_atomically
+from dia_diffusion.runtime.errors import first_line
+from dia_diffusion.runtime.output_files import write_atomically
 
 STATISTICS_FORMAT = "dia_diffusion.feature_statistics.v1"
 

@@ -11,7 +11,7 @@ import datasets
 import torch
 from torch.utils.data import Dataset
 
-from dia_diffusion.data import add_training_transform, to_uint8_images
+from dia_diffusion.data.image_datasets import add_training_transform, to_uint8_images
 
 # Above this many bytes of uint8 pixels the images are decoded per batch instead.
 MAX_DECODED_BYTES = 2 * 2**30

@@ -35,7 +35,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from dia_diffusion.dia_cell import DIALSTMCell, SqueezeExciteCell
+from dia_diffusion.models.dia_cell import DIALSTMCell, SqueezeExciteCell
 
 ATTENTION_KINDS = ("dia_lstm", "se_shared", "se_per_layer", "none")
 SHARING_MODES = ("global", "per_width", "per_block")

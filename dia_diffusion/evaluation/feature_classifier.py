@@ -24,11 +24,11 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from dia_diffusion.data import load_image_dataset, to_uint8_images
-from dia_diffusion.errors import first_line
-from dia_diffusion.output_files import write_atomically
+from dia_diffusion.data.image_datasets import load_image_dataset, to_uint8_images
+from dia_diffusion.runtime.errors import first_line
+from dia_diffusion.runtime.output_files import write_atomically
 
-CLASSIFIER_FORMAT = "dia_diffusion.feature_classifier.v1"
+CLASSIFIER_FORMAT = "dia_diffusion.evaluation.feature_classifier.v1"
 HELD_OUT_FRACTION = 0.1
 MIN_LABELLED_IMAGES = 20
 # Training length: at least 30k images and at least two epochs (20 epochs of digits, 2 of Fashion-MNIST).

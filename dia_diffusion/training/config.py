@@ -5,13 +5,14 @@ of an `--init_unet` checkpoint where there is one, then `validate_config`, which
 cannot work. `run_record` is what a run writes to its folder as `training_config.json`.
 """
 
+import dataclasses
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from diffusers.optimization import SchedulerType
 
-from dia_diffusion.initial_weights import with_initial_unet
-from dia_diffusion.presets import PRESETS, UNET_VARIANTS, unet_arguments
+from dia_diffusion.training.initial_weights import initial_unet_settings
+from dia_diffusion.training.presets import PRESETS, UNET_VARIANTS, unet_arguments
 
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
 MIXED_PRECISION_MODES = ("no", "fp16", "bf16")
@@ -137,7 +138,7 @@ def resolve_config(preset: str, overrides: dict[str, Any]) -> TrainingConfig:
     given = {key: value for key, value in overrides.items() if value is not None}
     config = TrainingConfig(**{**PRESETS[preset].settings, **given, "preset": preset})
     if config.init_unet is not None:
-        config = with_initial_unet(config, given)
+        config = dataclasses.replace(config, **initial_unet_settings(config.init_unet, config.unet, given))
     validate_config(config)
     return config
 

@@ -9,62 +9,52 @@ of the loop (flips, noise, timesteps, dropout) comes from the global RNGs that a
 and sampling/evaluation run inside `torch.random.fork_rng`, so they never shift those streams.
 """
 
-import json
-import math
 import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-import torch.nn.functional as F
-import torchvision
 from accelerate import Accelerator
 from accelerate.scheduler import AcceleratedScheduler
 from accelerate.utils import GradientAccumulationPlugin, ProjectConfiguration, set_seed
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
-from torch.utils.data import DataLoader, Sampler
 from tqdm.auto import tqdm
 
-from dia_diffusion.checkpointing import (
+from dia_diffusion.data.image_datasets import load_image_dataset
+from dia_diffusion.evaluation.feature_extractors import MissingWeightsError
+from dia_diffusion.evaluation.pipeline_evaluator import PipelineEvaluator
+from dia_diffusion.training.checkpointing import (
     CHECKPOINTS_DIRNAME,
     check_output_dir,
     check_resume_checkpoint,
     checkpoint_step,
     claim_output_dir,
-    find_latest_checkpoint,
     load_resume_checkpoint,
     publish_pipeline,
     read_run_record,
     save_checkpoint,
     write_run_record,
 )
-from dia_diffusion.data import load_image_dataset
-from dia_diffusion.decoded_images import training_pixels
-from dia_diffusion.evaluation import PipelineEvaluator
-from dia_diffusion.feature_extractors import MissingWeightsError
-from dia_diffusion.initial_weights import load_initial_unet
-from dia_diffusion.objective import prediction_target
-from dia_diffusion.presets import build_unet
-from dia_diffusion.training_config import RUN_NEUTRAL_FIELDS, TrainingConfig, TrainingConfigError, run_record
+from dia_diffusion.training.config import RUN_NEUTRAL_FIELDS, TrainingConfig, TrainingConfigError, run_record
+from dia_diffusion.training.data_order import make_dataloader
+from dia_diffusion.training.ema import ema_weights, make_ema
+from dia_diffusion.training.initial_weights import load_initial_unet
+from dia_diffusion.training.metrics_log import (
+    METRICS_FILENAME,
+    LogWindow,
+    MetricsLog,
+    tracker_hyperparameters,
+)
+from dia_diffusion.training.presets import build_unet
+from dia_diffusion.training.sample_grid import write_sample_grid
+from dia_diffusion.training.step import check_finite, training_step
 
 TRACKER_PROJECT = "train_ddpm"
-METRICS_FILENAME = "metrics.jsonl"
 SAMPLES_DIRNAME = "samples"
-# diffusers' EMAModel warmup: decay = 1 - (1 + step)^-power, capped at ema_decay; 3/4 suits runs of ~10k steps.
-EMA_WARMUP_POWER = 0.75
-# Sample grids are upscaled (nearest) so that every image is at least this many pixels wide.
-GRID_MIN_CELL_PIXELS = 64
-
-
-class NonFiniteLossError(RuntimeError):
-    """The loss became NaN or infinite; the message names the step and the last good checkpoint."""
 
 
 @dataclass
@@ -338,7 +328,7 @@ def warn(accelerator: Accelerator, message: str) -> None:
 def initial_unet(config: TrainingConfig) -> UNet2DModel:
     """The model the run starts from: a fresh one of the preset's layout, or the saved UNet of `--init_unet`."""
     if config.init_unet is not None:
-        return load_initial_unet(config)
+        return load_initial_unet(config.init_unet, config.unet, config.dia_options())
     try:
         return build_unet(config.unet, config.unet_arguments(), config.dia_options())
     except ValueError as error:
@@ -347,160 +337,16 @@ def initial_unet(config: TrainingConfig) -> UNet2DModel:
         ) from None
 
 
-class EpochShuffleSampler(Sampler[int]):
-    """A fresh permutation of the dataset every epoch, a pure function of (seed, epoch).
-
-    Resuming therefore needs no sampler state, and every process draws the same permutation, which accelerate
-    then deals out between them. accelerate calls `set_epoch` at the start of each pass.
-    """
-
-    def __init__(self, size: int, seed: int) -> None:
-        self.size = size
-        self.seed = seed
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return self.size
-
-    def __iter__(self) -> Iterator[int]:
-        yield from np.random.default_rng([self.seed, self.epoch]).permutation(self.size).tolist()
-
-
-# The EMA and the optimizer update every parameter tensor (~200 of them) with one multi-tensor kernel instead of a
-# Python loop over them: several milliseconds per step for a small UNet on the CPU, and fewer kernel launches on a GPU.
-def make_ema(unet: UNet2DModel, config: TrainingConfig) -> EMAModel:
-    return EMAModel(
-        unet.parameters(),
-        decay=config.ema_decay,
-        use_ema_warmup=config.ema_warmup,
-        power=EMA_WARMUP_POWER,
-        model_cls=type(unet),
-        model_config=unet.config,
-        foreach=True,
-    )
-
-
 def make_optimizer(unet: UNet2DModel, config: TrainingConfig) -> torch.optim.Optimizer:
     return torch.optim.AdamW(
         unet.parameters(), lr=config.learning_rate, weight_decay=config.adam_weight_decay, fused=True
     )
 
 
-def make_dataloader(dataset, config: TrainingConfig) -> DataLoader:
-    # The flip happens in the loop, from the checkpointed RNG: a flip inside the transform would be drawn while
-    # accelerate pre-fetches the next batch, one batch ahead of the checkpoint.
-    return DataLoader(
-        training_pixels(dataset, config.resolution, config.channels),
-        batch_size=config.train_batch_size,
-        sampler=EpochShuffleSampler(len(dataset), config.seed),
-        drop_last=True,
-        num_workers=config.dataloader_num_workers,
-        # Seeds the worker processes, so a run with workers is as repeatable as one without.
-        generator=torch.Generator().manual_seed(config.seed),
-    )
-
-
-def training_step(
-    accelerator: Accelerator,
-    unet: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    noise_scheduler: DDPMScheduler,
-    batch: dict[str, torch.Tensor],
-    config: TrainingConfig,
-) -> torch.Tensor:
-    """One micro-batch: loss, backward, and (at the end of an accumulation window) the clipped optimizer step.
-
-    Returns every process's loss. When any is not finite nothing is updated: the caller stops the run.
-    """
-    clean_images = batch["pixel_values"]
-    if config.random_flip:
-        clean_images = random_horizontal_flip(clean_images)
-    loss = diffusion_loss(unet, noise_scheduler, clean_images)
-    losses = accelerator.gather(loss.detach()[None])
-    if not torch.isfinite(losses).all():
-        return losses
-    accelerator.backward(loss)
-    if accelerator.sync_gradients:
-        accelerator.clip_grad_norm_(unet.parameters(), config.max_grad_norm)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return losses
-
-
-def check_finite(losses: torch.Tensor, step: int, checkpoints_dir: Path) -> None:
-    """Raises NonFiniteLossError, naming the step and the last good checkpoint, when any process's loss is not
-    finite."""
-    if not torch.isfinite(losses).all():
-        raise NonFiniteLossError(
-            f"the loss became {losses[~torch.isfinite(losses)][0].item()} at step {step}; "
-            "training stopped before that step's update "
-            f"(last good checkpoint: {find_latest_checkpoint(checkpoints_dir) or 'none'})"
-        )
-
-
-def random_horizontal_flip(images: torch.Tensor) -> torch.Tensor:
-    flip = torch.rand(images.shape[0], device=images.device) < 0.5
-    return torch.where(flip[:, None, None, None], images.flip(-1), images)
-
-
-def diffusion_loss(
-    unet: torch.nn.Module, noise_scheduler: DDPMScheduler, clean_images: torch.Tensor
-) -> torch.Tensor:
-    """DDPM's simple loss (Ho et al. 2020, eq. 14) for the scheduler's prediction type."""
-    noise = torch.randn_like(clean_images)
-    timesteps = torch.randint(
-        0, noise_scheduler.config.num_train_timesteps, (clean_images.shape[0],), device=clean_images.device
-    )
-    noisy_images = noise_scheduler.add_noise(clean_images, noise, timesteps)
-    prediction = unet(noisy_images, timesteps).sample
-    target = prediction_target(noise_scheduler, clean_images, noise, timesteps)
-    return F.mse_loss(prediction.float(), target.float())
-
-
-@contextmanager
-def ema_weights(ema: EMAModel, unet: torch.nn.Module, device: torch.device) -> Iterator[None]:
-    """Swaps the EMA weights into `unet` in eval mode; the training weights, mode and RNG streams come back after."""
-    parameters = list(unet.parameters())
-    ema.store(parameters)
-    ema.copy_to(parameters)
-    unet.eval()
-    devices = [device.index or 0] if device.type == "cuda" else []
-    try:
-        with torch.random.fork_rng(devices=devices):
-            yield
-    finally:
-        unet.train()
-        ema.restore(parameters)
-
-
 def make_pipeline(unet: UNet2DModel, scheduler: DDPMScheduler) -> DDPMPipeline:
     pipeline = DDPMPipeline(unet=unet, scheduler=scheduler)
     pipeline.set_progress_bar_config(disable=True)
     return pipeline
-
-
-def write_sample_grid(pipeline: DDPMPipeline, config: TrainingConfig, path: Path) -> None:
-    generator = torch.Generator().manual_seed(config.seed)
-    images = pipeline(
-        batch_size=config.num_sample_images,
-        generator=generator,
-        num_inference_steps=config.sample_inference_steps,
-        output_type="np",
-    ).images
-    pixels = torch.from_numpy(images).permute(0, 3, 1, 2)
-    scale = math.ceil(GRID_MIN_CELL_PIXELS / pixels.shape[-1])
-    if scale > 1:
-        pixels = F.interpolate(pixels, scale_factor=scale, mode="nearest")
-    grid = torchvision.utils.make_grid(
-        pixels, nrow=math.ceil(math.sqrt(len(pixels))), padding=2, pad_value=1.0
-    )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staged = path.with_name(f".{path.name}")
-    torchvision.utils.save_image(grid, staged, format="png")
-    staged.replace(path)
 
 
 def make_evaluator(config: TrainingConfig, accelerator: Accelerator) -> PipelineEvaluator:
@@ -526,67 +372,3 @@ def make_evaluator(config: TrainingConfig, accelerator: Accelerator) -> Pipeline
             f"--eval_feature {config.eval_feature} cannot be evaluated: {error}"
         ) from None
     return evaluator
-
-
-def tracker_hyperparameters(config: TrainingConfig) -> dict[str, Any]:
-    """TensorBoard's hparams accept only scalars and strings."""
-    return {key: value for key, value in asdict(config).items() if isinstance(value, (int, float, str, bool))}
-
-
-class LogWindow:
-    """Mean loss and training throughput since the last metrics row (sampling, evaluation and checkpoint time
-    excluded)."""
-
-    def __init__(self, images_per_step: int) -> None:
-        self.images_per_step = images_per_step
-        self.reset()
-
-    def reset(self) -> None:
-        self.loss_sum, self.batches, self.steps, self.seconds = 0.0, 0, 0, 0.0
-
-    def add_batch(self, loss: float) -> None:
-        self.loss_sum += loss
-        self.batches += 1
-
-    def add_step(self, seconds: float) -> None:
-        self.steps += 1
-        self.seconds += seconds
-
-    def close(self, learning_rate: float) -> dict[str, float]:
-        row = {
-            "loss": self.loss_sum / self.batches,
-            "lr": learning_rate,
-            "images_per_s": self.steps * self.images_per_step / self.seconds,
-        }
-        self.reset()
-        return row
-
-
-class MetricsLog:
-    """`metrics.jsonl`: one JSON object per logged step.
-
-    On resume, rows after the checkpoint's step are dropped: the interrupted run logged them, and the resumed run
-    logs those steps again.
-    """
-
-    def __init__(self, path: Path, keep_until_step: int) -> None:
-        kept = []
-        if keep_until_step and path.is_file():
-            for line in path.read_text().splitlines():
-                try:
-                    if json.loads(line)["step"] <= keep_until_step:
-                        kept.append(line + "\n")
-                except (json.JSONDecodeError, KeyError, TypeError):
-                    continue  # a line cut short by the interruption
-        path.parent.mkdir(parents=True, exist_ok=True)
-        staged = path.with_name(f".{path.name}")
-        staged.write_text("".join(kept))
-        staged.replace(path)
-        self.file = path.open("a")
-
-    def write(self, step: int, values: dict[str, float]) -> None:
-        self.file.write(json.dumps({"step": step, **values}) + "\n")
-        self.file.flush()
-
-    def close(self) -> None:
-        self.file.close()

@@ -23,16 +23,15 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import RNG_STATE_NAME
 
-from dia_diffusion.folder_lock import LOCK_FILENAME, FolderLock, lock_folder
-from dia_diffusion.interruption import deferred_interruption
-from dia_diffusion.output_files import replace_folder
+from dia_diffusion.runtime.folder_lock import LOCK_FILENAME, FolderLock, lock_folder
+from dia_diffusion.runtime.interruption import deferred_interruption
+from dia_diffusion.runtime.output_files import prepare_staging, replace_folder, staging_path
 
 CHECKPOINTS_DIRNAME = "checkpoints"
 RUN_RECORD_FILENAME = "training_config.json"
 CHECKPOINT_STEP_FILENAME = "training_step.json"
 PIPELINE_INDEX_FILENAME = "model_index.json"
 _CHECKPOINT_PATTERN = re.compile(r"checkpoint-(\d+)")
-_STAGING_PREFIX = ".staging-"
 _DISCARD_PREFIX = ".discard-"
 
 
@@ -54,19 +53,6 @@ class OutputWriteError(RuntimeError):
 
 def checkpoint_path(checkpoints_dir: Path, step: int) -> Path:
     return checkpoints_dir / f"checkpoint-{step}"
-
-
-def staging_path(final_path: Path) -> Path:
-    """The hidden sibling a checkpoint (or pipeline) is written into before it is published under its name."""
-    return final_path.with_name(_STAGING_PREFIX + final_path.name)
-
-
-def prepare_staging(final_path: Path) -> Path:
-    """Clears what a killed save may have left and returns the empty staging folder for `final_path`."""
-    staging = staging_path(final_path)
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    return staging
 
 
 def publish_checkpoint(
@@ -324,7 +310,7 @@ def read_run_record(folder: Path) -> dict[str, Any] | None:
 
 def write_run_record(output_dir: Path, record: dict[str, Any]) -> None:
     output_dir.mkdir(parents=True, exist_ok=True)
-    staged = output_dir / (_STAGING_PREFIX + RUN_RECORD_FILENAME)
+    staged = staging_path(output_dir / RUN_RECORD_FILENAME)
     staged.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
     os.replace(staged, output_dir / RUN_RECORD_FILENAME)
 

@@ -4,7 +4,13 @@ What each option does is described where it is implemented: `channel_attention.p
 modes, gates, conditioning, the global cell) and `dia_cell.py` (the cells).
 """
 
-from dia_diffusion.channel_attention import ATTENTION_KINDS, CONDITIONS, GATES, GLOBAL_CELLS, SHARING_MODES
+from dia_diffusion.models.channel_attention import (
+    ATTENTION_KINDS,
+    CONDITIONS,
+    GATES,
+    GLOBAL_CELLS,
+    SHARING_MODES,
+)
 
 DIA_ARGUMENTS = (
     "dia_attention",

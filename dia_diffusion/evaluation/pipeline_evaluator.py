@@ -19,10 +19,14 @@ from accelerate.utils import gather_object
 from diffusers import DiffusionPipeline
 from tqdm.auto import tqdm
 
-from dia_diffusion.data import load_image_dataset, to_uint8_images
-from dia_diffusion.feature_extractors import FEATURE_KINDS, FeatureExtractor, build_feature_extractor
-from dia_diffusion.frechet import FeatureStatistics, frechet_distance_between
-from dia_diffusion.sampling import generate, process_state, stock_pipeline
+from dia_diffusion.data.image_datasets import load_image_dataset, to_uint8_images
+from dia_diffusion.evaluation.feature_extractors import (
+    FEATURE_KINDS,
+    FeatureExtractor,
+    build_feature_extractor,
+)
+from dia_diffusion.evaluation.frechet import FeatureStatistics, frechet_distance_between
+from dia_diffusion.pipelines.sampling import generate, process_state, stock_pipeline
 
 # The evaluator compares samples with (at most) this many training images, taken in dataset order.
 REFERENCE_SAMPLES = 10_000

@@ -30,10 +30,10 @@ import torch
 from diffusers import DDPMScheduler
 from diffusers.models.resnet import ResnetBlock2D
 
-from dia_diffusion.data import load_image_dataset, to_uint8_images
-from dia_diffusion.errors import first_line
-from dia_diffusion.output_files import check_output_path, write_atomically
-from dia_diffusion.unet_dia import DIAUNet2DModel
+from dia_diffusion.data.image_datasets import load_image_dataset, to_uint8_images
+from dia_diffusion.models.unet_2d_dia import DIAUNet2DModel
+from dia_diffusion.runtime.errors import first_line
+from dia_diffusion.runtime.output_files import check_output_path, write_atomically
 
 # Enough noise levels to draw attention against the timestep, from almost clean to almost pure noise.
 DEFAULT_TIMESTEPS = list(range(50, 1000, 100))

@@ -24,8 +24,8 @@ import PIL.Image
 import torch
 from torchvision import transforms
 
-from dia_diffusion.errors import first_line
-from dia_diffusion.image_modes import UnsupportedImageError, model_image
+from dia_diffusion.data.image_modes import UnsupportedImageError, model_image
+from dia_diffusion.runtime.errors import first_line
 
 # Where Debian's `dataset-fashion-mnist` package installs the original idx files.
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")

@@ -24,9 +24,13 @@ import torch
 from diffusers import DDIMPipeline, DDIMScheduler, DDPMPipeline, DDPMScheduler, DiffusionPipeline, UNet2DModel
 from tqdm.auto import tqdm
 
-from dia_diffusion.checkpointing import prepare_staging, staging_path
-from dia_diffusion.errors import first_line
-from dia_diffusion.output_files import check_output_path, replace_folder
+from dia_diffusion.runtime.errors import first_line
+from dia_diffusion.runtime.output_files import (
+    check_output_path,
+    prepare_staging,
+    replace_folder,
+    staging_path,
+)
 
 SCHEDULERS = ("ddpm", "ddim")
 SAMPLES_RECORD = "samples.json"
@@ -109,9 +113,6 @@ def load_pipeline(
     model: str | Path, scheduler: str = "ddim", dtype: torch.dtype = torch.float32
 ) -> DiffusionPipeline:
     """Loads a saved pipeline folder (DIA or stock UNet) into the stock pipeline for `scheduler`."""
-    # Importing the package registers DIAUNet2DModel, which diffusers must find in sys.modules for DIA folders.
-    import dia_diffusion  # noqa: F401
-
     if scheduler not in SCHEDULERS:
         raise SamplingError(f"--scheduler must be one of {SCHEDULERS}, got {scheduler!r}")
     if not (Path(model) / "model_index.json").is_file():

@@ -22,8 +22,8 @@ from diffusers.configuration_utils import register_to_config
 from diffusers.models.resnet import ResnetBlock2D
 from diffusers.models.unets.unet_2d import UNet2DOutput
 
-from dia_diffusion.channel_attention import ChannelAttention, ResnetSite
-from dia_diffusion.dia_options import DIA_ARGUMENTS, check_dia_arguments
+from dia_diffusion.models.channel_attention import ChannelAttention, ResnetSite
+from dia_diffusion.models.dia_options import DIA_ARGUMENTS, check_dia_arguments
 
 SUPPORTED_DOWN_BLOCKS = ("DownBlock2D", "AttnDownBlock2D", "ResnetDownsampleBlock2D")
 SUPPORTED_MID_BLOCKS = ("UNetMidBlock2D", None)

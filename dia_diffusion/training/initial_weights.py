@@ -16,21 +16,17 @@ it stays the preset's or the flags'. The run record holds the source as given an
 its weights, so a run whose source has changed since it started is refused on resume.
 """
 
-import dataclasses
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import huggingface_hub
 from diffusers import UNet2DModel
 
-from dia_diffusion.dia_options import DIA_ARGUMENTS
-from dia_diffusion.feature_extractors import folder_weights_sha256
-from dia_diffusion.presets import UNET_VARIANTS
-from dia_diffusion.unet_dia import DIAUNet2DModel
-
-if TYPE_CHECKING:
-    from dia_diffusion.training_config import TrainingConfig
+from dia_diffusion.models.dia_options import DIA_ARGUMENTS
+from dia_diffusion.models.unet_2d_dia import DIAUNet2DModel
+from dia_diffusion.runtime.file_digests import folder_weights_sha256
+from dia_diffusion.training.presets import UNET_VARIANTS
 
 CONFIG_FILENAME = "config.json"
 # The files a UNet folder on the hub needs; configs first, so that only the weights of the UNet are downloaded.
@@ -141,28 +137,29 @@ def checkpoint_settings(source: str) -> dict[str, Any]:
     return settings
 
 
-def with_initial_unet(config: "TrainingConfig", given: dict[str, Any]) -> "TrainingConfig":
-    """`config` with the settings of its `init_unet` checkpoint in place; `given` holds the explicit settings.
+def initial_unet_settings(source: str, unet_variant: str, given: dict[str, Any]) -> dict[str, Any]:
+    """The training settings that the `--init_unet` checkpoint `source` decides, for a run of `--unet
+    unet_variant`; `given` holds the settings given explicitly.
 
     Raises InitialUNetError naming the first explicit setting that contradicts the checkpoint.
     """
-    decided = checkpoint_settings(config.init_unet)
+    decided = checkpoint_settings(source)
     for key, value in decided.items():
         if key in given and not same_setting(given[key], value):
             if key == "unet":
                 raise InitialUNetError(
-                    f"--unet {given[key]} cannot start from --init_unet '{config.init_unet}': it holds a "
+                    f"--unet {given[key]} cannot start from --init_unet '{source}': it holds a "
                     f"DIAUNet2DModel trained as --unet {value}; pass --unet {value} (or leave --unet out)"
                 )
             raise InitialUNetError(
-                f"--{key} {given[key]!r} contradicts --init_unet '{config.init_unet}', whose UNet has {key} "
+                f"--{key} {given[key]!r} contradicts --init_unet '{source}', whose UNet has {key} "
                 f"{value!r}; leave --{key} out"
             )
-    retrofit = "unet" not in decided and UNET_VARIANTS.get(config.unet) is not None
+    retrofit = "unet" not in decided and UNET_VARIANTS.get(unet_variant) is not None
     if retrofit and "dia_gate" not in given:
         # Exactly the identity at step 0, so the retrofitted run starts from what the checkpoint computes.
         decided["dia_gate"] = "identity"
-    return dataclasses.replace(config, **decided)
+    return decided
 
 
 def same_setting(first: Any, second: Any) -> bool:
@@ -170,20 +167,20 @@ def same_setting(first: Any, second: Any) -> bool:
     return json.loads(json.dumps(first)) == json.loads(json.dumps(second))
 
 
-def load_initial_unet(config: "TrainingConfig") -> UNet2DModel:
-    """The model a run with `init_unet` starts from, in training mode: the saved UNet, retrofitted with DIA when
-    `unet` asks for it."""
-    folder = locate_unet_folder(config.init_unet)
+def load_initial_unet(source: str, unet_variant: str, dia_options: dict[str, Any]) -> UNet2DModel:
+    """The model a run with `--init_unet source` starts from, in training mode: the saved UNet, retrofitted with DIA
+    (`dia_options`) when `--unet unet_variant` asks for it."""
+    folder = locate_unet_folder(source)
     model_class, _ = saved_config(folder)
-    attention = UNET_VARIANTS[config.unet]
+    attention = UNET_VARIANTS[unet_variant]
     try:
         if attention is None or model_class is DIAUNet2DModel:
             unet = model_class.from_pretrained(folder)
         else:
-            unet = DIAUNet2DModel.from_pretrained(folder, dia_attention=attention, **config.dia_options())
+            unet = DIAUNet2DModel.from_pretrained(folder, dia_attention=attention, **dia_options)
     except (OSError, ValueError, RuntimeError) as error:
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise InitialUNetError(f"--init_unet '{config.init_unet}' cannot be loaded: {reason}") from None
+        raise InitialUNetError(f"--init_unet '{source}' cannot be loaded: {reason}") from None
     # diffusers' from_pretrained returns a model in eval mode, which would train without dropout; a retrofit is
     # built in training mode, so a stock continuation would not see the noise of its paired retrofit either.
     return unet.train()

@@ -22,9 +22,9 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler
 
-from dia_diffusion.data import image_transform, load_image_dataset
-from dia_diffusion.objective import prediction_target
-from dia_diffusion.sampling import load_pipeline
+from dia_diffusion.data.image_datasets import image_transform, load_image_dataset
+from dia_diffusion.models.objective import prediction_target
+from dia_diffusion.pipelines.sampling import load_pipeline
 
 DEFAULT_BANDS = 5
 DEFAULT_PER_BAND = 2

@@ -13,7 +13,6 @@ describes itself (`provenance`) so a reported number always says which network a
 
 from __future__ import annotations
 
-import hashlib
 import os
 import pickle
 from pathlib import Path
@@ -23,8 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dia_diffusion.errors import first_line
-from dia_diffusion.feature_classifier import TrainedClassifier, load_or_train_classifier
+from dia_diffusion.evaluation.feature_classifier import TrainedClassifier, load_or_train_classifier
+from dia_diffusion.runtime.errors import first_line
+from dia_diffusion.runtime.file_digests import file_sha256, folder_weights_sha256
 
 FEATURE_KINDS = ("inception", "dinov2", "classifier")
 INCEPTION_WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"
@@ -40,23 +40,6 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 class MissingWeightsError(FileNotFoundError):
     """The weights a feature extractor needs are not on this machine; the message says which file and from where."""
-
-
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as stream:
-        for block in iter(lambda: stream.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def folder_weights_sha256(folder: Path) -> str:
-    """sha256 of a model folder's weights file; for sharded weights, of the list of '<file> <sha256>' lines."""
-    files = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("*.bin"))
-    if len(files) == 1:
-        return file_sha256(files[0])
-    listing = "".join(f"{file.name} {file_sha256(file)}\n" for file in files)
-    return hashlib.sha256(listing.encode()).hexdigest()
 
 
 def inception_cache_path() -> Path:

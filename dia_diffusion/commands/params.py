@@ -8,9 +8,9 @@ from pathlib import Path
 import torch
 from diffusers import UNet2DModel
 
-from dia_diffusion.dia_options import DIA_ARGUMENTS
-from dia_diffusion.presets import PRESETS, unet_arguments
-from dia_diffusion.unet_dia import DIAUNet2DModel
+from dia_diffusion.models.dia_options import DIA_ARGUMENTS
+from dia_diffusion.models.unet_2d_dia import DIAUNet2DModel
+from dia_diffusion.training.presets import PRESETS, unet_arguments
 
 # The variants worth comparing, by the name the table prints: the DIA options that tell them apart.
 VARIANTS: dict[str, dict] = {
@@ -69,7 +69,7 @@ def parameter_counts(unet_config: dict, **dia_options) -> list[dict]:
 
 
 def preset_unet_config(preset: str) -> dict:
-    """The UNet arguments of a training preset (`dia_diffusion.presets`), at the preset's resolution and channels."""
+    """The UNet arguments of a training preset (`dia_diffusion.training.presets`), at the preset's resolution and channels."""
     if preset not in PRESETS:
         raise ValueError(f"--preset: unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
     settings = PRESETS[preset].settings

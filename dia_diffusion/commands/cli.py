@@ -4,10 +4,11 @@ import argparse
 import sys
 from collections.abc import Callable
 
-from dia_diffusion import correlation, fid_command, heldout_loss, parameter_count
+from dia_diffusion.commands import fid, params
+from dia_diffusion.evaluation import correlation, heldout_loss
 
 # Each module exposes `add_parser(subparsers)`, which registers its sub-commands and the function that runs them.
-COMMANDS = (parameter_count, correlation, fid_command, heldout_loss)
+COMMANDS = (params, correlation, fid, heldout_loss)
 EXIT_FAILED = 1
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130  # 128 + SIGINT: what a shell reports for a command ended by Ctrl-C

@@ -10,7 +10,7 @@ from typing import Any
 
 from diffusers import UNet2DModel
 
-from dia_diffusion.unet_dia import DIAUNet2DModel
+from dia_diffusion.models.unet_2d_dia import DIAUNet2DModel
 
 # `--unet` values -> DIAUNet2DModel's `dia_attention` (None: diffusers' stock UNet2DModel, no attention module).
 UNET_VARIANTS: dict[str, str | None] = {
