@@ -13,6 +13,16 @@ from dia_diffusion.models.channel_attention import SHARING_MODES
 # Layouts and every code path of the stock forward that DIAUNet2DModel.forward re-implements.
 LAYOUTS = {
     "all_blocks": ALL_BLOCKS_CONFIG,
+    # Skip blocks (score-SDE's layout) hold a resnet down/upsampler of their own; any block built from
+    # ResnetBlock2D is supported.
+    "skip_blocks": tiny_config(
+        down_block_types=("SkipDownBlock2D", "AttnSkipDownBlock2D"),
+        up_block_types=("AttnSkipUpBlock2D", "SkipUpBlock2D"),
+        time_embedding_type="fourier",
+        block_out_channels=(32, 32),
+        norm_num_groups=32,
+    ),
+    "cross_attention_mid_block": tiny_config(mid_block_type="UNetMidBlock2DCrossAttn"),
     "no_mid_block": tiny_config(mid_block_type=None),
     "centered_fourier": tiny_config(center_input_sample=True, time_embedding_type="fourier"),
     "class_embedding": tiny_config(num_class_embeds=10),

@@ -9,6 +9,7 @@ from diffusers import UNet2DModel
 
 from dia_diffusion import DIAUNet2DModel
 from dia_diffusion.models.channel_attention import ATTENTION_KINDS, GATES, SHARING_MODES
+from dia_diffusion.models.dia_resnet import DIAResnetBlock2D
 
 # (block, width) of each resnet in forward order: down 0, down 1, mid, up 0, up 1.
 GREY_SITES = [(0, 8), (1, 16), (2, 16), (2, 16), (3, 16), (3, 16), (4, 8), (4, 8)]
@@ -43,13 +44,13 @@ def test_every_resnet_runs_once_in_forward_order_with_its_own_site(layout, monke
     model = build(config=config).eval()
     assert [(site.block, site.channels) for site in model.resnet_sites] == expected_sites
     visited = []
-    run = model._resnet_forward
+    run = DIAResnetBlock2D.dia_step
 
-    def recording(resnet, site, *args, **kwargs):
-        visited.append((resnet, site))
-        return run(resnet, site, *args, **kwargs)
+    def recording(resnet, *args, **kwargs):
+        visited.append((resnet, resnet.dia_site))
+        return run(resnet, *args, **kwargs)
 
-    monkeypatch.setattr(model, "_resnet_forward", recording)
+    monkeypatch.setattr(DIAResnetBlock2D, "dia_step", recording)
     sample, timestep = inputs(size=config["sample_size"], channels=config["in_channels"])
     with torch.no_grad():
         model(sample, timestep)
@@ -130,26 +131,33 @@ def count_resnet_runs(model: DIAUNet2DModel, monkeypatch) -> dict:
     """Counts the resnet executions of a forward and of the backward that follows it."""
     counts = {"forward": 0, "backward": 0, "checkpointed": 0}
     phase = "forward"
-    run = model._resnet_forward
+    run = DIAResnetBlock2D.dia_step
 
     def counting(*args, **kwargs):
         counts[phase] += 1
         return run(*args, **kwargs)
 
-    monkeypatch.setattr(model, "_resnet_forward", counting)
-    if model.gradient_checkpointing:
-        checkpoint = model._gradient_checkpointing_func
-
-        def counting_checkpoint(*args, **kwargs):
-            counts["checkpointed"] += 1
-            return checkpoint(*args, **kwargs)
-
-        monkeypatch.setattr(model, "_gradient_checkpointing_func", counting_checkpoint)
+    monkeypatch.setattr(DIAResnetBlock2D, "dia_step", counting)
+    count_checkpoint_calls(model, monkeypatch, counts)
     loss = model(*grey_inputs()).sample.square().mean()
     phase = "backward"
     loss.backward()
     monkeypatch.undo()
     return counts
+
+
+def count_checkpoint_calls(model: DIAUNet2DModel, monkeypatch, counts: dict) -> None:
+    """Counts, in `counts["checkpointed"]`, the calls of the checkpoint function of every DIA resnet that has one."""
+    for _, resnet in model.resnets_in_order():
+        checkpoint = resnet.dia_checkpoint
+        if checkpoint is None:
+            continue
+
+        def counting_checkpoint(*args, checkpoint=checkpoint, **kwargs):
+            counts["checkpointed"] += 1
+            return checkpoint(*args, **kwargs)
+
+        monkeypatch.setattr(resnet, "dia_checkpoint", counting_checkpoint)
 
 
 def test_gradient_checkpointing_re_runs_every_resnet_during_backward(monkeypatch):
@@ -167,14 +175,13 @@ def test_gradient_checkpointing_re_runs_every_resnet_during_backward(monkeypatch
 def test_gradient_checkpointing_is_skipped_without_gradients(monkeypatch):
     model = build()
     model.enable_gradient_checkpointing()
-    calls = []
-    checkpoint = model._gradient_checkpointing_func
-    monkeypatch.setattr(
-        model, "_gradient_checkpointing_func", lambda *a, **k: calls.append(1) or checkpoint(*a, **k)
-    )
+    counts = {"checkpointed": 0}
+    count_checkpoint_calls(model, monkeypatch, counts)
     with torch.no_grad():
         model(*grey_inputs())
-    assert calls == []
+    assert counts == {"checkpointed": 0}
+    model(*grey_inputs())
+    assert counts == {"checkpointed": len(GREY_SITES)}
 
 
 def nonzero_gradients(model: torch.nn.Module) -> dict[str, bool]:

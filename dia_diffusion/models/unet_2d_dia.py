@@ -4,14 +4,11 @@ DIA (Dense-and-Implicit Attention) observes that attention modules placed indepe
 strongly correlated attention maps (Pearson up to 0.85), so it shares one module across layers and lets an LSTM
 calibrate each layer's attention and carry it to the next. Here the shared module gates the residual branch of every
 `ResnetBlock2D` (after its second convolution, before the shortcut add), in forward-execution order
-down -> mid -> up. Its recurrent state starts at zero in every forward call and is passed from resnet to resnet as
-explicit arguments, never through hooks or attributes, so gradient checkpointing re-runs each resnet with the state
-it saw the first time.
+down -> mid -> up, with its recurrent state starting at zero in every forward call. The model runs diffusers' own
+forward; how the resnets reach the shared module and its state is `dia_resnet.py`.
 """
 
-import functools
 import inspect
-from dataclasses import dataclass, field
 
 import torch
 from diffusers import (
@@ -19,46 +16,13 @@ from diffusers import (
     UNet2DModel,
 )
 from diffusers.configuration_utils import register_to_config
-from diffusers.models.resnet import ResnetBlock2D
 from diffusers.models.unets.unet_2d import UNet2DOutput
 
-from dia_diffusion.models.channel_attention import ChannelAttention, ResnetSite
 from dia_diffusion.models.dia_options import DIA_ARGUMENTS, check_dia_arguments
-
-SUPPORTED_DOWN_BLOCKS = ("DownBlock2D", "AttnDownBlock2D", "ResnetDownsampleBlock2D")
-SUPPORTED_MID_BLOCKS = ("UNetMidBlock2D", None)
-SUPPORTED_UP_BLOCKS = ("UpBlock2D", "AttnUpBlock2D", "ResnetUpsampleBlock2D")
+from dia_diffusion.models.dia_resnet import DIAModelMixin
 
 
-def check_block_types(down_block_types, mid_block_type, up_block_types, resnet_time_scale_shift) -> None:
-    """DIA re-runs the blocks' layers itself, so it accepts only the blocks built from plain ResnetBlock2D."""
-    for name, block_types, supported in (
-        ("down_block_types", down_block_types, SUPPORTED_DOWN_BLOCKS),
-        ("up_block_types", up_block_types, SUPPORTED_UP_BLOCKS),
-        ("mid_block_type", (mid_block_type,), SUPPORTED_MID_BLOCKS),
-    ):
-        for block_type in block_types:
-            if block_type not in supported:
-                raise ValueError(
-                    f"{name}: block type {block_type!r} is not supported by DIAUNet2DModel; use one of {supported}"
-                )
-    if resnet_time_scale_shift not in ("default", "scale_shift"):
-        raise ValueError(
-            f"resnet_time_scale_shift must be 'default' or 'scale_shift' for DIAUNet2DModel, got {resnet_time_scale_shift!r}"
-        )
-
-
-@dataclass
-class AttentionPass:
-    """What one forward call carries from resnet to resnet: the index of the next site, each cell's recurrent state
-    (keyed like `ChannelAttention.site_cells`) and the projected time embedding (None without conditioning)."""
-
-    condition: torch.Tensor | None
-    site: int = 0
-    states: dict = field(default_factory=dict)
-
-
-class DIAUNet2DModel(UNet2DModel):
+class DIAUNet2DModel(DIAModelMixin, UNet2DModel):
     r"""A `UNet2DModel` whose resnets share one DIA channel-attention module.
 
     Takes every argument of [`UNet2DModel`] (same names and defaults), plus:
@@ -122,7 +86,12 @@ class DIAUNet2DModel(UNet2DModel):
         dia_condition: str = "none",
         dia_global_cell: str = "bottleneck",
     ):
-        check_block_types(down_block_types, mid_block_type, up_block_types, resnet_time_scale_shift)
+        if resnet_time_scale_shift not in ("default", "scale_shift"):
+            # "ada_group" and "spatial" build ResnetBlockCondNorm2D, whose conditioned normalisation DIA does not gate.
+            raise ValueError(
+                "resnet_time_scale_shift must be 'default' or 'scale_shift' for DIAUNet2DModel, got "
+                f"{resnet_time_scale_shift!r}"
+            )
         dia_options = dict(
             attention=dia_attention,
             sharing=dia_sharing,
@@ -163,30 +132,7 @@ class DIAUNet2DModel(UNet2DModel):
             num_class_embeds=num_class_embeds,
             num_train_timesteps=num_train_timesteps,
         )
-        # The blocks' own checkpointing flags are never read: forward() checkpoints each resnet itself.
-        self.gradient_checkpointing = False
-        self.resnet_sites = tuple(
-            ResnetSite(block, resnet.out_channels) for block, resnet in self.resnets_in_order()
-        )
-        if dia_attention == "none":
-            self.channel_attention = None
-        else:
-            self.channel_attention = ChannelAttention(
-                self.resnet_sites, **dia_options, condition_channels=self.time_embedding.linear_2.out_features
-            )
-
-    def resnets_in_order(self):
-        """Yields `(block_index, resnet)` for every ResnetBlock2D in the order forward() runs them."""
-        blocks = [
-            *self.down_blocks,
-            *([self.mid_block] if self.mid_block is not None else []),
-            *self.up_blocks,
-        ]
-        for index, block in enumerate(blocks):
-            samplers = getattr(block, "downsamplers", None) or getattr(block, "upsamplers", None) or []
-            for resnet in [*block.resnets, *samplers]:
-                if isinstance(resnet, ResnetBlock2D):
-                    yield index, resnet
+        self.install_dia(dia_options)
 
     @classmethod
     def from_unet(cls, unet: UNet2DModel, **dia_options) -> "DIAUNet2DModel":
@@ -239,140 +185,4 @@ class DIAUNet2DModel(UNet2DModel):
         class_labels: torch.Tensor | None = None,
         return_dict: bool = True,
     ) -> UNet2DOutput | tuple:
-        # Adapted from diffusers UNet2DModel.forward (diffusers 0.42): steps 0-2 and 6 are the stock code; steps 3-5
-        # run the blocks' layers here so that the DIA state can travel from resnet to resnet as an argument.
-        # 0. center input if necessary
-        if self.config.center_input_sample:
-            sample = 2 * sample - 1.0
-
-        # 1. time
-        timesteps = timestep
-        if not torch.is_tensor(timesteps):
-            timesteps = torch.tensor([timesteps], dtype=torch.long, device=sample.device)
-        elif len(timesteps.shape) == 0:
-            timesteps = timesteps[None].to(sample.device)
-        timesteps = timesteps * torch.ones(sample.shape[0], dtype=timesteps.dtype, device=timesteps.device)
-        emb = self.time_embedding(self.time_proj(timesteps).to(dtype=self.dtype))
-        if self.class_embedding is not None:
-            if class_labels is None:
-                raise ValueError("class_labels should be provided when doing class conditioning")
-            if self.config.class_embed_type == "timestep":
-                class_labels = self.time_proj(class_labels)
-            emb = emb + self.class_embedding(class_labels).to(dtype=self.dtype)
-        elif class_labels is not None:
-            raise ValueError("class_embedding needs to be initialized in order to use class conditioning")
-
-        # 2. pre-process
-        sample = self.conv_in(sample)
-
-        # The DIA state starts empty in every call; the time embedding is projected once for all resnets.
-        dia = AttentionPass(
-            self.channel_attention.project_condition(emb) if self.channel_attention is not None else None
-        )
-
-        # 3. down
-        down_block_res_samples = (sample,)
-        for block in self.down_blocks:
-            attentions = getattr(block, "attentions", None)
-            for index, resnet in enumerate(block.resnets):
-                sample = self._run_resnet(resnet, sample, emb, dia)
-                if attentions is not None:
-                    sample = attentions[index](sample)
-                down_block_res_samples += (sample,)
-            if block.downsamplers is not None:
-                for downsampler in block.downsamplers:
-                    if isinstance(downsampler, ResnetBlock2D):
-                        sample = self._run_resnet(downsampler, sample, emb, dia)
-                    else:
-                        sample = downsampler(sample)
-                down_block_res_samples += (sample,)
-
-        # 4. mid
-        if self.mid_block is not None:
-            sample = self._run_resnet(self.mid_block.resnets[0], sample, emb, dia)
-            for attention, resnet in zip(self.mid_block.attentions, self.mid_block.resnets[1:]):
-                if attention is not None:
-                    sample = attention(sample, temb=emb)
-                sample = self._run_resnet(resnet, sample, emb, dia)
-
-        # 5. up
-        for block in self.up_blocks:
-            attentions = getattr(block, "attentions", None)
-            for index, resnet in enumerate(block.resnets):
-                skip = down_block_res_samples[-1]
-                down_block_res_samples = down_block_res_samples[:-1]
-                sample = self._run_resnet(resnet, torch.cat([sample, skip], dim=1), emb, dia)
-                if attentions is not None:
-                    sample = attentions[index](sample)
-            if block.upsamplers is not None:
-                for upsampler in block.upsamplers:
-                    if isinstance(upsampler, ResnetBlock2D):
-                        sample = self._run_resnet(upsampler, sample, emb, dia)
-                    else:
-                        sample = upsampler(sample)
-
-        # 6. post-process
-        sample = self.conv_out(self.conv_act(self.conv_norm_out(sample)))
-        if self.config.time_embedding_type == "fourier":
-            sample = sample / timesteps.reshape((sample.shape[0], *([1] * len(sample.shape[1:]))))
-
-        if not return_dict:
-            return (sample,)
-        return UNet2DOutput(sample=sample)
-
-    def _run_resnet(
-        self, resnet: ResnetBlock2D, sample: torch.Tensor, temb: torch.Tensor, dia: "AttentionPass"
-    ):
-        """Runs the next resnet with its DIA state, checkpointed when gradient checkpointing is on; advances `dia`."""
-        site, condition = dia.site, dia.condition
-        key = self.channel_attention.site_cells[site] if self.channel_attention is not None else None
-        hidden, cell = dia.states.get(key, (None, None))
-        if torch.is_grad_enabled() and self.gradient_checkpointing:
-            run = functools.partial(self._resnet_forward, resnet, site)
-            sample, hidden, cell = self._gradient_checkpointing_func(
-                run, sample, temb, hidden, cell, condition
-            )
-        else:
-            sample, hidden, cell = self._resnet_forward(resnet, site, sample, temb, hidden, cell, condition)
-        dia.states[key] = (hidden, cell)
-        dia.site += 1
-        return sample
-
-    def _resnet_forward(self, resnet: ResnetBlock2D, site: int, input_tensor, temb, hidden, cell, condition):
-        # Adapted from diffusers ResnetBlock2D.forward (diffusers 0.42), with the channel attention inserted on the
-        # residual branch after conv2, before the shortcut add and output_scale_factor (DIANet's placement).
-        hidden_states = resnet.nonlinearity(resnet.norm1(input_tensor))
-        if resnet.upsample is not None:
-            if hidden_states.shape[0] >= 64:
-                input_tensor = input_tensor.contiguous()
-                hidden_states = hidden_states.contiguous()
-            input_tensor = resnet.upsample(input_tensor)
-            hidden_states = resnet.upsample(hidden_states)
-        elif resnet.downsample is not None:
-            input_tensor = resnet.downsample(input_tensor)
-            hidden_states = resnet.downsample(hidden_states)
-        hidden_states = resnet.conv1(hidden_states)
-
-        if resnet.time_emb_proj is not None:
-            if not resnet.skip_time_act:
-                temb = resnet.nonlinearity(temb)
-            temb = resnet.time_emb_proj(temb)[:, :, None, None]
-        if resnet.time_embedding_norm == "default":
-            if temb is not None:
-                hidden_states = hidden_states + temb
-            hidden_states = resnet.norm2(hidden_states)
-        else:
-            time_scale, time_shift = torch.chunk(temb, 2, dim=1)
-            hidden_states = resnet.norm2(hidden_states) * (1 + time_scale) + time_shift
-        hidden_states = resnet.conv2(resnet.dropout(resnet.nonlinearity(hidden_states)))
-
-        if self.channel_attention is not None:
-            state = None if hidden is None else (hidden, cell)
-            hidden_states, state = self.channel_attention(hidden_states, site, state, condition)
-            hidden, cell = (None, None) if state is None else state
-
-        if resnet.conv_shortcut is not None:
-            if resnet.training:
-                input_tensor = input_tensor.contiguous()
-            input_tensor = resnet.conv_shortcut(input_tensor)
-        return (input_tensor + hidden_states) / resnet.output_scale_factor, hidden, cell
+        return self.dia_forward(super().forward, sample, timestep, class_labels, return_dict)
