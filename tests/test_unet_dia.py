@@ -3,6 +3,7 @@
 import copy
 import itertools
 import json
+import shutil
 import subprocess
 import sys
 
@@ -137,15 +138,22 @@ def test_saved_pipeline_loads_in_a_fresh_process_after_importing_the_package(tmp
     DDPMPipeline(unet=model, scheduler=DDPMScheduler(num_train_timesteps=50)).save_pretrained(
         tmp_path / "pipe"
     )
-    assert json.loads((tmp_path / "pipe" / "model_index.json").read_text())["unet"][1] == "DIAUNet2DModel"
+    index = json.loads((tmp_path / "pipe" / "model_index.json").read_text())
+    assert index["unet"] == ["dia_diffusion", "DIAUNet2DModel"]
+    # Pipelines saved by earlier releases name the module the class was defined in then.
+    shutil.copytree(tmp_path / "pipe", tmp_path / "earlier")
+    index["unet"] = ["dia_diffusion.unet_dia", "DIAUNet2DModel"]
+    (tmp_path / "earlier" / "model_index.json").write_text(json.dumps(index))
     code = LOAD_IN_FRESH_PROCESS.format(
         load="import dia_diffusion\nfrom diffusers import DDPMPipeline\n"
-        "pipe = DDPMPipeline.from_pretrained(sys.argv[1])\n"
-        "assert type(pipe.unet).__name__ == 'DIAUNet2DModel', type(pipe.unet)",
-        call="pipe(batch_size=1, num_inference_steps=2, generator=torch.manual_seed(0), output_type='pt').images",
+        "pipes = [DDPMPipeline.from_pretrained(folder) for folder in sys.argv[1].split(',')]\n"
+        "assert [type(pipe.unet).__name__ for pipe in pipes] == ['DIAUNet2DModel'] * 2, pipes",
+        call="[pipe(batch_size=1, num_inference_steps=2, generator=torch.manual_seed(0), output_type='pt').images "
+        "for pipe in pipes]",
     )
-    run_fresh_python(code, str(tmp_path / "pipe"), str(tmp_path / "images.pt"))
-    assert torch.load(tmp_path / "images.pt").shape == (1, 3, 16, 16)
+    run_fresh_python(code, f"{tmp_path / 'pipe'},{tmp_path / 'earlier'}", str(tmp_path / "images.pt"))
+    images, earlier_images = torch.load(tmp_path / "images.pt")
+    assert images.shape == (1, 3, 16, 16) and torch.equal(images, earlier_images)
 
 
 def loss_and_gradients(model: DIAUNet2DModel):

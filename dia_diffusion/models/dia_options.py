@@ -66,3 +66,26 @@ def check_dia_arguments(
         raise ValueError(
             f"dia_condition={condition!r} conditions the channel attention; dia_attention='none' has none"
         )
+
+
+def dia_options_of(
+    dia_attention: str,
+    dia_sharing: str,
+    dia_reduction: int,
+    dia_hidden_channels: int | None,
+    dia_gate: str,
+    dia_condition: str,
+    dia_global_cell: str,
+) -> dict:
+    """A model's `dia_*` arguments, checked, as the options `ChannelAttention` takes (without the prefix)."""
+    options = dict(
+        attention=dia_attention,
+        sharing=dia_sharing,
+        reduction=dia_reduction,
+        hidden_channels=dia_hidden_channels,
+        gate=dia_gate,
+        condition=dia_condition,
+        global_cell=dia_global_cell,
+    )
+    check_dia_arguments(**options)
+    return options

@@ -19,17 +19,14 @@ there without re-implementing any block or UNet forward:
   `torch.compile(fullgraph=True)`. (Hooks were not used: a `deepcopy` of a hooked module, as EMA makes, keeps running
   the original module's weights.)
 
-`DIAModelMixin` is what a UNet class adds to use them: `install_dia` (at the end of `__init__`), `dia_forward` (its
-`forward` runs diffusers' forward through it) and the gradient-checkpointing override. One model instance runs one
-forward call at a time (as the recurrent state is the call's): threads that share a model must not call it at once.
+`DIAModelMixin` (`dia_model.py`) is what a UNet class adds to use them. One model instance runs one forward call at a
+time (the recurrent state is the call's): threads that share a model must not call it at once.
 """
-
-from collections.abc import Iterator
 
 import torch
 from diffusers.models.resnet import ResnetBlock2D
 
-from dia_diffusion.models.channel_attention import ChannelAttention, ResnetSite
+from dia_diffusion.models.channel_attention import ChannelAttention
 
 
 class DIACall:
@@ -67,7 +64,7 @@ class CheckpointDIAResnetsInside:
 class DIAResnetBlock2D(ResnetBlock2D):
     """A `ResnetBlock2D` whose residual branch is gated by the model's shared channel attention.
 
-    Never constructed directly: `DIAModelMixin.install_dia` swaps a built resnet's class and sets `dia_call` (the
+    Never constructed directly: `DIAModelMixin.install_dia` (`dia_model.py`) swaps a built resnet's class and sets `dia_call` (the
     model's `DIACall`), `dia_site` (its position in execution order) and `dia_checkpoint` (the checkpoint function,
     None when gradient checkpointing is off).
     """
@@ -135,83 +132,3 @@ class DIAResnetBlock2D(ResnetBlock2D):
                 input_tensor = input_tensor.contiguous()
             input_tensor = self.conv_shortcut(input_tensor)
         return (input_tensor + hidden_states) / self.output_scale_factor, hidden, cell
-
-
-class DIAModelMixin:
-    """Wires a diffusers UNet's resnets to one shared `ChannelAttention` (owned once, as `channel_attention`).
-
-    A model class calls `install_dia` at the end of `__init__` and runs diffusers' own forward through `dia_forward`.
-    With `dia_attention="none"` nothing is installed and the model is the stock one.
-    """
-
-    def dia_blocks(self) -> list[torch.nn.Module]:
-        return [*self.down_blocks, *([self.mid_block] if self.mid_block is not None else []), *self.up_blocks]
-
-    def resnets_in_order(self) -> Iterator[tuple[int, ResnetBlock2D]]:
-        """`(block_index, resnet)` for every resnet, in the order diffusers' forward runs them: down blocks, the mid
-        block, up blocks; within a block, in the order the block registered them (its resnets, then a resnet down- or
-        upsampler). `DIAResnetBlock2D.forward` checks at every call that this is the order they run in."""
-        for index, block in enumerate(self.dia_blocks()):
-            for module in block.modules():
-                if isinstance(module, ResnetBlock2D):
-                    yield index, module
-
-    def check_dia_blocks(self) -> None:
-        """DIA gates the branch of plain `ResnetBlock2D`s; a block built from anything else (the K-blocks'
-        `ResnetBlockCondNorm2D`, say) is refused by name."""
-        for block in self.dia_blocks():
-            resnets = list(getattr(block, "resnets", []))
-            if not resnets or not all(
-                type(resnet) in (ResnetBlock2D, DIAResnetBlock2D) for resnet in resnets
-            ):
-                kinds = sorted({type(resnet).__name__ for resnet in resnets}) or ["no resnets"]
-                raise ValueError(
-                    f"block type {type(block).__name__} is not supported by {type(self).__name__}: DIA needs blocks "
-                    f"built from ResnetBlock2D, it has {', '.join(kinds)}"
-                )
-
-    def install_dia(self, dia_options: dict) -> None:
-        """Builds the shared `ChannelAttention` for this model's resnets and turns them into DIA resnets."""
-        self.check_dia_blocks()
-        resnets = [resnet for _, resnet in self.resnets_in_order()]
-        self.resnet_sites = tuple(
-            ResnetSite(block, resnet.conv2.out_channels) for block, resnet in self.resnets_in_order()
-        )
-        self.dia_call = None
-        if dia_options["attention"] == "none":
-            self.channel_attention = None
-            return
-        # The embedding every resnet receives (time, and class or SDXL's added embeddings where the model has them).
-        condition_channels = (
-            resnets[0].time_emb_proj.in_features if resnets[0].time_emb_proj is not None else None
-        )
-        self.channel_attention = ChannelAttention(
-            self.resnet_sites, **dia_options, condition_channels=condition_channels
-        )
-        self.dia_call = DIACall(self.channel_attention)
-        for site, resnet in enumerate(resnets):
-            resnet.__class__ = DIAResnetBlock2D
-            resnet.dia_call = self.dia_call
-            resnet.dia_site = site
-
-    def dia_forward(self, forward, *args, **kwargs):
-        """Runs `forward` (diffusers' own) as one DIA call: the state starts from zero, is never carried across calls,
-        and is dropped when the call ends, so that a forward without backward leaves no autograd graph behind."""
-        if self.dia_call is None:
-            return forward(*args, **kwargs)
-        self.dia_call.reset()
-        try:
-            return forward(*args, **kwargs)
-        finally:
-            self.dia_call.reset()
-
-    def _set_gradient_checkpointing(self, enable: bool = True, gradient_checkpointing_func=None) -> None:
-        checkpoint = gradient_checkpointing_func or torch.utils.checkpoint.checkpoint
-        super()._set_gradient_checkpointing(enable, checkpoint)
-        if self.dia_call is None:
-            return
-        for module in self.modules():
-            if isinstance(module, DIAResnetBlock2D):
-                module.dia_checkpoint = checkpoint if enable else None
-            elif hasattr(module, "gradient_checkpointing"):
-                module._gradient_checkpointing_func = CheckpointDIAResnetsInside(checkpoint)

@@ -8,8 +8,6 @@ down -> mid -> up, with its recurrent state starting at zero in every forward ca
 forward; how the resnets reach the shared module and its state is `dia_resnet.py`.
 """
 
-import inspect
-
 import torch
 from diffusers import (
     ModelMixin,  # noqa: F401  (diffusers' pipeline loader looks base classes up in this module)
@@ -18,8 +16,8 @@ from diffusers import (
 from diffusers.configuration_utils import register_to_config
 from diffusers.models.unets.unet_2d import UNet2DOutput
 
-from dia_diffusion.models.dia_options import DIA_ARGUMENTS, check_dia_arguments
-from dia_diffusion.models.dia_resnet import DIAModelMixin
+from dia_diffusion.models.dia_model import DIAModelMixin
+from dia_diffusion.models.dia_options import dia_options_of
 
 
 class DIAUNet2DModel(DIAModelMixin, UNet2DModel):
@@ -41,6 +39,8 @@ class DIAUNet2DModel(DIAModelMixin, UNet2DModel):
             (a cell at `dia_hidden_channels` with input and output adapters) or `"widest"` (a cell at the widest
             width, input adapters only, its own sigmoid output sliced per width). See `channel_attention.py`.
     """
+
+    stock_class = UNet2DModel
 
     @register_to_config
     def __init__(
@@ -92,16 +92,15 @@ class DIAUNet2DModel(DIAModelMixin, UNet2DModel):
                 "resnet_time_scale_shift must be 'default' or 'scale_shift' for DIAUNet2DModel, got "
                 f"{resnet_time_scale_shift!r}"
             )
-        dia_options = dict(
-            attention=dia_attention,
-            sharing=dia_sharing,
-            reduction=dia_reduction,
-            hidden_channels=dia_hidden_channels,
-            gate=dia_gate,
-            condition=dia_condition,
-            global_cell=dia_global_cell,
+        dia_options = dia_options_of(
+            dia_attention,
+            dia_sharing,
+            dia_reduction,
+            dia_hidden_channels,
+            dia_gate,
+            dia_condition,
+            dia_global_cell,
         )
-        check_dia_arguments(**dia_options)
         super().__init__(
             sample_size=sample_size,
             in_channels=in_channels,
@@ -133,50 +132,6 @@ class DIAUNet2DModel(DIAModelMixin, UNet2DModel):
             num_train_timesteps=num_train_timesteps,
         )
         self.install_dia(dia_options)
-
-    @classmethod
-    def from_unet(cls, unet: UNet2DModel, **dia_options) -> "DIAUNet2DModel":
-        """Retrofits a stock (e.g. pretrained) UNet2DModel: copies every weight key for key and adds DIA.
-
-        The gate defaults to `"identity"`, so the result computes exactly what `unet` computes until it is trained.
-        """
-        if isinstance(unet, DIAUNet2DModel):
-            raise ValueError("from_unet expects a stock UNet2DModel; this model already has DIA")
-        unknown = sorted(set(dia_options) - set(DIA_ARGUMENTS))
-        if unknown:
-            raise ValueError(f"unknown DIA option(s) {unknown}; expected some of {DIA_ARGUMENTS}")
-        accepted = inspect.signature(cls.__init__).parameters
-        config = {key: value for key, value in unet.config.items() if key in accepted}
-        config.update({"dia_gate": "identity", **dia_options})
-        model = cls(**config)
-        missing, unexpected = model.load_state_dict(unet.state_dict(), strict=False)
-        added = {key for key in model.state_dict() if key.startswith("channel_attention.")}
-        if unexpected or set(missing) != added:
-            raise RuntimeError(
-                "retrofit key accounting failed: stock keys not used "
-                f"{sorted(unexpected)}, keys left uninitialised {sorted(set(missing) - added)}"
-            )
-        if (model.device, model.dtype) == (unet.device, unet.dtype):
-            return model
-        return model.to(device=unet.device, dtype=unet.dtype)
-
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
-        """Loads a DIAUNet2DModel checkpoint, or retrofits a stock UNet2DModel checkpoint through `from_unet`.
-
-        DIA options (`dia_attention=...` etc.) may be given only for a stock checkpoint; a DIA checkpoint's options
-        come from its config.
-        """
-        dia_options = {name: kwargs.pop(name) for name in DIA_ARGUMENTS if name in kwargs}
-        config = cls.load_config(pretrained_model_name_or_path, **dict(kwargs))
-        if config.get("_class_name") == cls.__name__:
-            if dia_options:
-                raise ValueError(
-                    f"{sorted(dia_options)} cannot change a saved DIAUNet2DModel; its config sets them"
-                )
-            return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
-        stock = UNet2DModel.from_pretrained(pretrained_model_name_or_path, **kwargs)
-        return cls.from_unet(stock, **dia_options)
 
     def forward(
         self,
