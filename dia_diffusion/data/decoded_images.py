@@ -19,10 +19,12 @@ DECODE_CHUNK = 1024
 
 
 class DecodedImages(Dataset):
-    """Items `{"pixel_values": float32 [C, H, W] in [-1, 1]}` from uint8 pixels [N, C, H, W]."""
+    """Items `{"pixel_values": float32 [C, H, W] in [-1, 1]}` from uint8 pixels [N, C, H, W], with `"class_labels"`
+    when the labels [N] are given."""
 
-    def __init__(self, pixels: torch.Tensor) -> None:
+    def __init__(self, pixels: torch.Tensor, labels: torch.Tensor | None = None) -> None:
         self.pixels = pixels
+        self.labels = labels
 
     def __len__(self) -> int:
         return len(self.pixels)
@@ -33,7 +35,11 @@ class DecodedImages(Dataset):
     def __getitems__(self, indices: list[int]) -> list[dict[str, torch.Tensor]]:
         # One conversion for the whole batch; the DataLoader's collate stacks the rows back.
         values = to_unit_range(self.pixels[indices])
-        return [{"pixel_values": row} for row in values]
+        if self.labels is None:
+            return [{"pixel_values": row} for row in values]
+        return [
+            {"pixel_values": row, "class_labels": label} for row, label in zip(values, self.labels[indices])
+        ]
 
 
 def to_unit_range(pixels: torch.Tensor) -> torch.Tensor:
@@ -41,13 +47,19 @@ def to_unit_range(pixels: torch.Tensor) -> torch.Tensor:
     return pixels.to(torch.get_default_dtype()).div(255).sub(0.5).div(0.5)
 
 
-def training_pixels(dataset: datasets.Dataset, resolution: int, channels: int) -> Dataset:
-    """The dataset's images as training items: decoded once when they fit in memory, else per batch."""
+def training_pixels(
+    dataset: datasets.Dataset, resolution: int, channels: int, with_labels: bool = False
+) -> Dataset:
+    """The dataset's images (and, `with_labels`, its class ids) as training items: decoded once when they fit in
+    memory, else per batch."""
     if len(dataset) * channels * resolution**2 > MAX_DECODED_BYTES:
-        return add_training_transform(dataset, resolution, channels, random_flip=False)
+        return add_training_transform(
+            dataset, resolution, channels, random_flip=False, with_labels=with_labels
+        )
+    labels = torch.tensor(dataset["label"], dtype=torch.long) if with_labels else None
     images = dataset.select_columns("image")
     chunks = [
         to_uint8_images(images[start : start + DECODE_CHUNK]["image"], resolution, channels)
         for start in range(0, len(images), DECODE_CHUNK)
     ]
-    return DecodedImages(torch.cat(chunks))
+    return DecodedImages(torch.cat(chunks), labels)

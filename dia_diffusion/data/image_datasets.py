@@ -113,23 +113,35 @@ def to_uint8_images(images: Sequence[PIL.Image.Image], resolution: int, channels
 
 
 def add_training_transform(
-    dataset: datasets.Dataset, resolution: int, channels: int, random_flip: bool = True
+    dataset: datasets.Dataset,
+    resolution: int,
+    channels: int,
+    random_flip: bool = True,
+    with_labels: bool = False,
 ) -> datasets.Dataset:
-    """dataset.with_transform(...) producing {"pixel_values": float tensor} per example, for a torch DataLoader."""
+    """dataset.with_transform(...) producing {"pixel_values": float tensor} per example (and "class_labels", the
+    "label" column, `with_labels`), for a torch DataLoader."""
     if "image" not in dataset.column_names:
         raise ValueError(f"dataset has no 'image' column (columns: {dataset.column_names})")
-    return dataset.with_transform(_PixelValues(image_transform(resolution, channels, random_flip)))
+    transform = _PixelValues(image_transform(resolution, channels, random_flip), with_labels)
+    return dataset.with_transform(transform)
 
 
 class _PixelValues:
     """The batch transform `with_transform` applies; a class rather than a closure so DataLoader workers can
     pickle it."""
 
-    def __init__(self, transform: Callable[[PIL.Image.Image], torch.Tensor]) -> None:
+    def __init__(
+        self, transform: Callable[[PIL.Image.Image], torch.Tensor], with_labels: bool = False
+    ) -> None:
         self.transform = transform
+        self.with_labels = with_labels
 
     def __call__(self, batch: dict[str, list]) -> dict[str, list[torch.Tensor]]:
-        return {"pixel_values": [self.transform(image) for image in batch["image"]]}
+        items = {"pixel_values": [self.transform(image) for image in batch["image"]]}
+        if self.with_labels:
+            items["class_labels"] = [torch.tensor(label, dtype=torch.long) for label in batch["label"]]
+        return items
 
 
 def _resize_and_crop(resolution: int, channels: int) -> list[Callable]:

@@ -1,0 +1,103 @@
+"""ClassConditionalPipeline (DiTPipeline's API on a class-conditional UNet) against classifier-free guidance written
+out by hand, and the labels class-conditional training reads from a dataset."""
+
+import pytest
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler
+
+from dia_diffusion import DIAUNet2DModel
+from dia_diffusion.data.class_labels import class_names
+from dia_diffusion.data.decoded_images import training_pixels
+from dia_diffusion.data.image_datasets import DatasetSpecError, load_image_dataset
+from dia_diffusion.pipelines.class_conditional import ClassConditionalPipeline
+
+NUM_CLASSES = 3
+
+
+def unet(num_class_embeds: int | None = NUM_CLASSES + 1) -> DIAUNet2DModel:
+    torch.manual_seed(0)
+    return DIAUNet2DModel(
+        sample_size=8,
+        in_channels=1,
+        out_channels=1,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        norm_num_groups=4,
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
+        num_class_embeds=num_class_embeds,
+    ).eval()
+
+
+def pipeline(scheduler=None, **options) -> ClassConditionalPipeline:
+    scheduler = scheduler or DDIMScheduler(num_train_timesteps=50)
+    built = ClassConditionalPipeline(unet=unet(), scheduler=scheduler, **options)
+    built.set_progress_bar_config(disable=True)
+    return built
+
+
+def generators(*seeds: int) -> list[torch.Generator]:
+    return [torch.Generator().manual_seed(seed) for seed in seeds]
+
+
+@pytest.mark.parametrize("guidance_scale", [0.0, 1.0, 3.0])
+def test_guidance_combines_the_labelled_and_the_null_class_prediction_as_written_by_hand(guidance_scale):
+    sampler = pipeline()
+    labels = [2, 0]
+    images = sampler(labels, guidance_scale, generators(5, 6), num_inference_steps=3, output_type="pt").images
+
+    scheduler = DDIMScheduler.from_config(sampler.scheduler.config)
+    scheduler.set_timesteps(3)
+    x = torch.stack([torch.randn(1, 8, 8, generator=generator) for generator in generators(5, 6)])
+    model = sampler.unet
+    with torch.no_grad():
+        for t in scheduler.timesteps:
+            conditional = model(x, t, torch.tensor(labels)).sample
+            unconditional = model(
+                x, t, torch.tensor([NUM_CLASSES] * 2)
+            ).sample  # the null class is the last id
+            guided = unconditional + guidance_scale * (conditional - unconditional)
+            x = scheduler.step(guided, t, x).prev_sample
+    torch.testing.assert_close(images, (x / 2 + 0.5).clamp(0, 1), rtol=1e-4, atol=1e-5)
+
+
+def test_an_image_depends_on_its_own_generator_and_label_not_on_the_batch():
+    sampler = pipeline(DDPMScheduler(num_train_timesteps=50))
+    batch = sampler([0, 1, 2], 2.0, generators(1, 2, 3), num_inference_steps=4, output_type="pt").images
+    alone = sampler([1], 2.0, generators(2), num_inference_steps=4, output_type="pt").images
+    torch.testing.assert_close(batch[1:2], alone, rtol=0, atol=1e-5)
+    other_label = sampler([2], 2.0, generators(2), num_inference_steps=4, output_type="pt").images
+    assert (other_label - alone).abs().max() > 1e-3
+
+
+def test_class_names_map_to_ids_and_are_saved_with_the_pipeline(tmp_path):
+    sampler = pipeline(id2label={0: "zero, nought", 1: "one", 2: "two"})
+    assert sampler.get_label_ids(["nought", "two"]) == [0, 2] and sampler.get_label_ids("one") == [1]
+    with pytest.raises(ValueError, match="unknown class name"):
+        sampler.get_label_ids("three")
+    sampler.save_pretrained(tmp_path)
+    loaded = ClassConditionalPipeline.from_pretrained(tmp_path)
+    assert type(loaded.unet) is DIAUNet2DModel and loaded.labels == sampler.labels
+
+
+def test_bad_labels_and_a_unet_without_classes_are_refused():
+    with pytest.raises(ValueError, match=r"class_labels must lie in \[0, 3\), got \[3\]"):
+        pipeline()([3], num_inference_steps=1)
+    with pytest.raises(ValueError, match="guidance_scale must not be negative"):
+        pipeline()([0], guidance_scale=-1.0, num_inference_steps=1)
+    with pytest.raises(ValueError, match="needs a UNet with num_class_embeds"):
+        ClassConditionalPipeline(unet=unet(None), scheduler=DDIMScheduler())
+
+
+def test_training_items_carry_the_dataset_labels(tiny_dataset):
+    dataset = load_image_dataset(tiny_dataset)
+    assert class_names(dataset, tiny_dataset) == [str(digit) for digit in range(10)]
+    items = training_pixels(dataset, 8, 1, with_labels=True)
+    assert [int(items[index]["class_labels"]) for index in range(len(dataset))] == dataset["label"]
+    assert "class_labels" not in training_pixels(dataset, 8, 1)[0]
+
+
+def test_a_dataset_without_labels_is_refused_in_one_line(tmp_path):
+    unlabelled = load_image_dataset("digits").select(range(4)).remove_columns("label")
+    with pytest.raises(DatasetSpecError, match="^--dataset 'x' has no labels \\(columns: image\\)"):
+        class_names(unlabelled, "x")
