@@ -21,7 +21,9 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from quality import BUDGETS, REPOSITORY, VARIANTS, run_command, train_command
+from quality import BUDGETS, REPOSITORY, VARIANTS, run_command, run_folder, train_command
+
+from dia_diffusion.runtime.output_files import write_atomically
 
 # Every variant with channel attention; the stock UNet has none to analyse.
 ATTENTION_VARIANTS = [variant for variant in VARIANTS if variant != "stock"]
@@ -38,6 +40,14 @@ SUMMARY_KEYS = (
 def analyse_variant(variant: str, budget_name: str, out: Path, num_images: int, threads: int | None) -> dict:
     """Trains (or reuses) the variant's seed-0 model and analyses it; cached in its correlation.json."""
     run_dir = out / variant
+    with run_folder(run_dir):
+        return analysed_model(variant, budget_name, run_dir, num_images, threads)
+
+
+def analysed_model(
+    variant: str, budget_name: str, run_dir: Path, num_images: int, threads: int | None
+) -> dict:
+    """`analyse_variant`'s work, with the run folder locked."""
     report_file = run_dir / "correlation.json"
     if report_file.is_file():
         return json.loads(report_file.read_text())
@@ -93,7 +103,7 @@ def main() -> None:
         "wall_seconds_this_invocation": round(time.time() - start),
         "rows": rows,
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    write_atomically(out / "summary.json", lambda partial: partial.write_text(json.dumps(summary, indent=1)))
     print(
         f"\n{'variant':<24}{'r all pairs':>12}{'r aligned':>11}{'r profiles':>12}{'input var':>11}{'timestep var':>14}"
     )

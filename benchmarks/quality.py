@@ -50,7 +50,9 @@ import platform
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor, as_completed
+from contextlib import contextmanager
 from pathlib import Path
 
 from diffusers import DDPMPipeline
@@ -60,6 +62,8 @@ from quality_summary import check_paired_starts, summarise
 
 from dia_diffusion.commands.params import count_parameters
 from dia_diffusion.runtime.file_digests import folder_weights_sha256
+from dia_diffusion.runtime.folder_lock import FolderInUseError, lock_output
+from dia_diffusion.runtime.output_files import write_atomically
 from dia_diffusion.training.presets import PRESETS
 
 REPOSITORY = Path(__file__).resolve().parent.parent
@@ -88,11 +92,13 @@ def train_command(
 def run_command(
     command: list[str], log: Path, threads: int | None = None, stdout: Path | None = None
 ) -> None:
-    """Runs `command`, appending its output to `log`; its standard output goes to the file `stdout` if given."""
+    """Runs `command`, appending its output to `log`; its standard output goes to the file `stdout` if given, which
+    appears only when the command succeeds (it is written beside it and renamed)."""
     # A killed earlier sitting may have left its last line unfinished: the command starts a line of its own.
     earlier = log.read_text() if log.is_file() else ""
     fresh_line = "\n" if earlier and not earlier.endswith("\n") else ""
-    with log.open("a") as handle, open(stdout or os.devnull, "w") as output:
+    partial = stdout.with_name(f".{stdout.name}.partial") if stdout else Path(os.devnull)
+    with log.open("a") as handle, open(partial, "w") as output:
         handle.write(f"{fresh_line}$ {' '.join(command)}\n")
         handle.flush()
         result = subprocess.run(
@@ -103,7 +109,25 @@ def run_command(
             env=thread_environment(threads),
         )
     if result.returncode != 0:
+        if stdout:
+            partial.unlink()
         raise SystemExit(f"command failed (exit {result.returncode}), see {log}: {' '.join(command)}")
+    if stdout:
+        os.replace(partial, stdout)
+
+
+@contextmanager
+def run_folder(run_dir: Path) -> Iterator[None]:
+    """One benchmark process at a time per run folder (the lock beside it): a second sitting of the same comparison
+    is refused by name instead of measuring and writing into the same files."""
+    try:
+        lock = lock_output(run_dir, "run folder", "benchmark")
+    except FolderInUseError as error:
+        raise SystemExit(f"{Path(sys.argv[0]).name}: error: {error}") from None
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def thread_environment(threads: int | None) -> dict[str, str]:
@@ -136,6 +160,20 @@ def train_and_measure(
     init_unet: Path | None = None,
 ) -> dict:
     """Trains one (variant, seed) and measures it; cached in run_dir/result.json."""
+    with run_folder(run_dir):
+        return measured_run(variant, seed, budget, run_dir, reference, threads, init_unet)
+
+
+def measured_run(
+    variant: str,
+    seed: int,
+    budget: Budget,
+    run_dir: Path,
+    reference: Path,
+    threads: int | None,
+    init_unet: Path | None,
+) -> dict:
+    """`train_and_measure`'s work, with the run folder locked."""
     result_file = run_dir / "result.json"
     settings = run_settings(budget, init_unet)
     if result_file.is_file():
@@ -186,9 +224,7 @@ def train_and_measure(
         ]  # fmt: skip
         run_command(heldout, log, threads, stdout=run_dir / "heldout.json")
         result["heldout"] = json.loads((run_dir / "heldout.json").read_text())
-    partial = result_file.with_suffix(".partial")
-    partial.write_text(json.dumps(result, indent=1))
-    os.replace(partial, result_file)
+    write_atomically(result_file, lambda partial: partial.write_text(json.dumps(result, indent=1)))
     return result
 
 
@@ -305,9 +341,9 @@ def write_summary(results: list[dict], budget: Budget, name: str, out: Path) -> 
         "machine": f"{platform.machine()}, {os.cpu_count()} cores",
         "rows": rows,
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    write_atomically(out / "summary.json", lambda partial: partial.write_text(json.dumps(summary, indent=1)))
     markdown = table(rows, budget, name)
-    (out / "summary.md").write_text(markdown)
+    write_atomically(out / "summary.md", lambda partial: partial.write_text(markdown))
     draw_fd_vs_step(results, list(VARIANTS), out / "fd_vs_step.png")
     draw_sample_grids(results, list(VARIANTS), out, out / "samples.png")
     return markdown

@@ -12,8 +12,12 @@ it was. Image i is seeded seed + i, so it is the same whatever --batch_size or t
 import argparse
 import sys
 
-from dia_diffusion.commands.cli import OneLineArgumentParser, run_reporting_errors
-from dia_diffusion.pipelines.sampling import SCHEDULERS, process_state, sample_to_folder
+from dia_diffusion_entry import interrupted_quietly
+
+# Ctrl-C during the imports (seconds) ends in one line too.
+with interrupted_quietly("sample.py"):
+    from dia_diffusion.commands.cli import OneLineArgumentParser, run_reporting_errors
+    from dia_diffusion.pipelines.sampling import SCHEDULERS, process_state, sample_to_folder
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -56,4 +60,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    with interrupted_quietly("sample.py"):
+        sys.exit(main())

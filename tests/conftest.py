@@ -20,6 +20,51 @@ TINY_GREY_UNET = dict(
 )
 
 
+def save_tiny_pipeline(folder: Path, unet_class: type | None = None, **unet_options) -> Path:
+    """A saved DDPMPipeline (100 training timesteps) with a tiny untrained 8x8 grey UNet, stock unless `unet_class`
+    says otherwise."""
+    from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+
+    torch.manual_seed(0)
+    unet = (unet_class or UNet2DModel)(**TINY_GREY_UNET, **unet_options)
+    DDPMPipeline(unet=unet, scheduler=DDPMScheduler(num_train_timesteps=100)).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def pipeline_folder(tmp_path_factory) -> Path:
+    return save_tiny_pipeline(tmp_path_factory.mktemp("pipeline"))
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory) -> Path:
+    """A classifier cache with the digits 8x8 classifier already trained, shared by the fid tests."""
+    from dia_diffusion.evaluation.feature_extractors import build_feature_extractor
+
+    folder = tmp_path_factory.mktemp("cache")
+    build_feature_extractor("classifier", 8, 1, classifier_dataset="digits", cache_dir=folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_dinov2(tmp_path_factory) -> Path:
+    """A folder holding a tiny randomly initialised DINOv2, saved as transformers saves the real ones."""
+    from transformers import Dinov2Config, Dinov2Model
+
+    torch.manual_seed(0)
+    config = Dinov2Config(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        patch_size=16,
+        image_size=224,
+    )
+    folder = tmp_path_factory.mktemp("tiny-dinov2")
+    Dinov2Model(config).save_pretrained(folder)
+    return folder
+
+
 # 24 images / batch 4 = 6 batches per epoch in the training tests.
 TINY_DATASET_SIZE = 24
 
@@ -91,6 +136,14 @@ def isolated_accelerate():
 def classifier_cache(tmp_path_factory) -> str:
     """XDG_CACHE_HOME for the runs that evaluate: the metric's classifier trains once per test module."""
     return str(tmp_path_factory.mktemp("cache"))
+
+
+@pytest.fixture
+def private_datasets_cache(tmp_path, monkeypatch):
+    """`datasets` caches image folders it has read; keep that cache inside the test's own folder."""
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "datasets_cache")
 
 
 @pytest.fixture

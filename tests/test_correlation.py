@@ -1,5 +1,6 @@
 """The attention-correlation analysis: the statistic itself, the recording, and the command end to end."""
 
+import errno
 import json
 
 import numpy as np
@@ -11,6 +12,7 @@ from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 from dia_diffusion import DIAUNet2DModel
 from dia_diffusion.commands.cli import main as cli_main
 from dia_diffusion.commands.params import preset_unet_config
+from dia_diffusion.evaluation import correlation
 from dia_diffusion.evaluation.correlation import (
     aligned_pairs,
     input_variation,
@@ -170,3 +172,26 @@ def test_analyze_correlation_refuses_a_stock_unet_and_timesteps_the_model_never_
     error = capsys.readouterr().err
     assert error.count("\n") == 1 and "--timesteps 250: the model was trained on timesteps 0 to 99" in error
     assert not (tmp_path / "out").exists()
+
+
+def test_a_failed_analysis_leaves_the_previous_out_dir_whole(tmp_path, capsys, monkeypatch):
+    DDPMPipeline(unet=tiny_model("dia_lstm"), scheduler=DDPMScheduler()).save_pretrained(tmp_path / "pipe")
+    out = tmp_path / "out"
+    argv = ["analyze-correlation", "--model", str(tmp_path / "pipe"), "--dataset", "digits"]
+    argv += ["--num_images", "4", "--timesteps", "100", "600", "--out_dir", str(out)]
+    assert cli_main([*argv, "--seed", "1"]) == 0
+    before = {path.name: path.read_bytes() for path in out.iterdir()}
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(correlation, "draw_attention_vs_timestep", disk_full)
+    capsys.readouterr()
+    assert cli_main([*argv, "--seed", "2"]) == 1
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and error.startswith(
+        f"dia-diffusion analyze-correlation: error: '{out / 'attention_vs_timestep.png'}' could not be written: "
+        "No space left on device (the disk is full"
+    )
+    assert {path.name: path.read_bytes() for path in out.iterdir()} == before
+    assert sorted(path.name for path in tmp_path.iterdir()) == [".out.lock", "out", "pipe"]

@@ -1,5 +1,6 @@
 """Sampling through the stock diffusers pipelines: per-sample seeds, the files sample.py writes, its errors."""
 
+import errno
 import importlib.util
 import json
 from pathlib import Path
@@ -8,8 +9,8 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-from conftest import TINY_GREY_UNET
-from diffusers import DDIMPipeline, DDPMPipeline, DDPMScheduler, UNet2DModel
+from conftest import save_tiny_pipeline
+from diffusers import DDIMPipeline, DDPMPipeline
 
 from dia_diffusion import DIAUNet2DModel
 from dia_diffusion.pipelines import sampling
@@ -23,18 +24,6 @@ from dia_diffusion.pipelines.sampling import (
 )
 
 SAMPLE_SCRIPT = Path(__file__).resolve().parents[1] / "pipelines" / "sample.py"
-
-
-def save_tiny_pipeline(folder: Path, unet_class: type = UNet2DModel, **unet_options) -> Path:
-    torch.manual_seed(0)
-    unet = unet_class(**TINY_GREY_UNET, **unet_options)
-    DDPMPipeline(unet=unet, scheduler=DDPMScheduler(num_train_timesteps=100)).save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def pipeline_folder(tmp_path_factory) -> Path:
-    return save_tiny_pipeline(tmp_path_factory.mktemp("tiny-pipeline"))
 
 
 def sample_script():
@@ -209,7 +198,8 @@ def test_a_rerun_that_fails_midway_leaves_the_previous_samples_intact(
         error = capsys.readouterr().err
         assert error.endswith("\nsample.py: interrupted\n") and "Traceback" not in error
     assert folder_contents(output) == before
-    assert sorted(path.name for path in tmp_path.iterdir()) == ["samples"]  # no staging folder left behind
+    # No staging folder left behind; the lock file beside the output stays (deleting it would race).
+    assert sorted(path.name for path in tmp_path.iterdir()) == [".samples.lock", "samples"]
 
     # A complete re-run replaces the whole folder: no image of the longer first run is left over.
     assert sample_script().main([*argv, "--num_images", "3"]) == 0
@@ -248,3 +238,55 @@ def test_a_damaged_model_folder_is_named_in_one_line(tmp_path, capsys):
     error = capsys.readouterr().err.strip().splitlines()[-1]
     assert error.startswith(f"sample.py: error: --model '{model}' cannot be loaded") and str(weights) in error
     assert not (tmp_path / "samples").exists()
+
+
+def test_a_second_run_into_the_same_output_is_refused_while_the_first_runs(
+    pipeline_folder, tmp_path, capsys, monkeypatch
+):
+    output = tmp_path / "samples"
+    common = ["--model", str(pipeline_folder), "--num_images", "3", "--batch_size", "2"]
+    first = [*common, "--seed", "1000", "--num_inference_steps", "2", "--output", str(output)]
+    second_run = {}
+
+    def generate_while_a_second_run_starts(*args, **kwargs):
+        if not second_run:  # the first run is generating: a second run into the same folder starts now
+            second_run["started"] = True
+            second = [*common, "--seed", "2000", "--num_inference_steps", "1", "--output", str(output)]
+            second_run["code"] = sample_script().main(second)
+            second_run["stderr"] = capsys.readouterr().err
+        yield from generate(*args, **kwargs)
+
+    monkeypatch.setattr(sampling, "generate", generate_while_a_second_run_starts)
+    assert sample_script().main(first) == 0
+    assert second_run["code"] == 2
+    assert f"--output '{output.absolute()}' is in use by another sample.py" in second_run["stderr"]
+
+    # The folder is the first run's alone: its record and every image, as a run on its own makes them.
+    assert json.loads((output / "samples.json").read_text())["seed"] == 1000
+    monkeypatch.setattr(sampling, "generate", generate)
+    alone = tmp_path / "alone"
+    assert sample_script().main([*first[:-1], str(alone)]) == 0
+    assert folder_contents(output) == folder_contents(alone)
+
+
+def test_a_full_disk_names_the_output_and_leaves_the_previous_samples(
+    pipeline_folder, tmp_path, capsys, monkeypatch
+):
+    output = tmp_path / "samples"
+    argv = ["--model", str(pipeline_folder), "--num_inference_steps", "2", "--num_images", "2"]
+    assert sample_script().main([*argv, "--output", str(output)]) == 0
+    before = folder_contents(output)
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(sampling, "save_grid", disk_full)
+    capsys.readouterr()
+    assert sample_script().main([*argv, "--seed", "5", "--output", str(output)]) == 1
+    error = capsys.readouterr().err.strip().splitlines()
+    assert error[-1] == (
+        f"sample.py: error: '{output}' could not be written: No space left on device (the disk is full: free "
+        "space, then run the command again)"
+    )
+    assert folder_contents(output) == before
+    assert sorted(path.name for path in tmp_path.iterdir()) == [".samples.lock", "samples"]

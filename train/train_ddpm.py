@@ -17,23 +17,28 @@ from pathlib import Path
 # them is still noticed (see follow_launcher).
 LAUNCHER_PID = os.getppid()
 
-from dia_diffusion.commands.cli import EXIT_BAD_INPUT, OneLineArgumentParser
-from dia_diffusion.data.image_datasets import DatasetSpecError
-from dia_diffusion.runtime.folder_lock import FolderInUseError
-from dia_diffusion.runtime.interruption import RunInterrupted, follow_launcher, stop_on_signals
-from dia_diffusion.training.checkpointing import (
-    CHECKPOINTS_DIRNAME,
-    CheckpointLoadError,
-    CheckpointNotFoundError,
-    OutputWriteError,
-    RunIdentityError,
-    find_latest_checkpoint,
-)
-from dia_diffusion.training.config import TrainingConfigError, resolve_config
-from dia_diffusion.training.initial_weights import InitialUNetError
-from dia_diffusion.training.loop import train
-from dia_diffusion.training.presets import PRESETS, UNET_VARIANTS
-from dia_diffusion.training.step import NonFiniteLossError
+from dia_diffusion_entry import interrupted_quietly
+
+# Ctrl-C during the imports (seconds) ends in one line too.
+with interrupted_quietly("train_ddpm.py"):
+    from dia_diffusion.commands.cli import EXIT_BAD_INPUT, OneLineArgumentParser
+    from dia_diffusion.data.image_datasets import DatasetSpecError
+    from dia_diffusion.runtime.errors import print_once
+    from dia_diffusion.runtime.folder_lock import FolderInUseError
+    from dia_diffusion.runtime.interruption import RunInterrupted, follow_launcher, stop_on_signals
+    from dia_diffusion.training.checkpointing import (
+        CHECKPOINTS_DIRNAME,
+        CheckpointLoadError,
+        CheckpointNotFoundError,
+        OutputWriteError,
+        RunIdentityError,
+        find_latest_checkpoint,
+    )
+    from dia_diffusion.training.config import TrainingConfigError, resolve_config
+    from dia_diffusion.training.initial_weights import InitialUNetError
+    from dia_diffusion.training.loop import train
+    from dia_diffusion.training.presets import PRESETS, UNET_VARIANTS
+    from dia_diffusion.training.step import NonFiniteLossError
 
 EXIT_TRAINING_FAILED = 1
 BAD_INPUT_ERRORS = (
@@ -119,9 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def report(error: BaseException, kind: str = "error") -> None:
-    # Under a multi-process launch every rank hits the same error; one line is enough.
-    if os.environ.get("RANK", "0") == "0":
-        print(f"train_ddpm.py: {kind}: {error}", file=sys.stderr)
+    print_once(f"train_ddpm.py: {kind}: {error}")
 
 
 def interruption_message(stop: RunInterrupted, output_dir: str) -> str:
@@ -164,4 +167,5 @@ def main(argv: list[str] | None = None, launcher_pid: int | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(launcher_pid=LAUNCHER_PID))
+    with interrupted_quietly("train_ddpm.py"):
+        sys.exit(main(launcher_pid=LAUNCHER_PID))

@@ -6,6 +6,7 @@ from collections.abc import Callable
 
 from dia_diffusion.commands import fid, params
 from dia_diffusion.evaluation import correlation, heldout_loss
+from dia_diffusion.runtime.errors import print_once
 
 # Each module exposes `add_parser(subparsers)`, which registers its sub-commands and the function that runs them.
 COMMANDS = (params, correlation, fid, heldout_loss)
@@ -27,15 +28,15 @@ def run_reporting_errors(prog: str, command: Callable[[], int | None]) -> int:
         return command() or 0
     except (ValueError, FileNotFoundError) as error:
         # Bad input (a dataset spec, a path, an argument value) is reported as one line, not a traceback.
-        print(f"{prog}: error: {error}", file=sys.stderr)
+        print_once(f"{prog}: error: {error}")
         return EXIT_BAD_INPUT
     except OSError as error:
         # The machine, not the input: a full disk, a folder that cannot be written.
-        print(f"{prog}: error: {error}", file=sys.stderr)
+        print_once(f"{prog}: error: {error}")
         return EXIT_FAILED
     except KeyboardInterrupt:
         # Every command writes its outputs whole (to a temporary name, then renamed), so none is half-written.
-        print(f"{prog}: interrupted", file=sys.stderr)
+        print_once(f"{prog}: interrupted")
         return EXIT_INTERRUPTED
 
 

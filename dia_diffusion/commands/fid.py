@@ -44,6 +44,7 @@ from dia_diffusion.pipelines.sampling import (
     process_state,
     sample_file_name,
 )
+from dia_diffusion.runtime.folder_lock import lock_output
 from dia_diffusion.runtime.output_files import check_output_path
 
 
@@ -246,7 +247,20 @@ def run_ref(args: argparse.Namespace) -> int:
     state = process_state()
     if not args.out.endswith(".npz"):
         raise SpecError(f"--out must end in .npz, got {args.out!r}")
-    check_output_path(Path(args.out).expanduser(), "--out")
+    out = Path(args.out).expanduser()
+    check_output_path(out, "--out")
+    # Before the statistics are computed: a second `ref` into the same file is refused at once.
+    out_lock = lock_output(out.absolute(), "--out", "dia-diffusion ref", state)
+    try:
+        write_reference(args, state)
+    finally:
+        if out_lock is not None:
+            out_lock.release()
+    return 0
+
+
+def write_reference(args: argparse.Namespace, state: Any) -> None:
+    """`ref`'s work, once --out is checked and locked."""
     source = Source.open(args.spec)
     if source.kind == "statistics":
         raise SpecError(f"{args.spec!r} already holds statistics; give the images they should come from")
@@ -265,7 +279,6 @@ def run_ref(args: argparse.Namespace) -> int:
             f"wrote {args.out}: {extractor.metric_name} statistics of {statistics.count} images of {args.spec}"
         )
         print(describe_extractor(metadata["feature_extractor"]))
-    return 0
 
 
 def add_measurement_arguments(parser: argparse.ArgumentParser) -> None:

@@ -33,13 +33,16 @@ from diffusers.models.resnet import ResnetBlock2D
 from dia_diffusion.data.image_datasets import load_image_dataset, to_uint8_images
 from dia_diffusion.models.unet_2d_dia import DIAUNet2DModel
 from dia_diffusion.runtime.errors import first_line
-from dia_diffusion.runtime.output_files import check_output_path, write_atomically
+from dia_diffusion.runtime.folder_lock import lock_output
+from dia_diffusion.runtime.output_files import check_output_path, write_file_set
 
 # Enough noise levels to draw attention against the timestep, from almost clean to almost pure noise.
 DEFAULT_TIMESTEPS = list(range(50, 1000, 100))
 # Sites and channels drawn in the attention-vs-timestep figure: evenly spaced, so the picture is not a selection.
 FIGURE_SITES = 4
 FIGURE_CHANNELS = 4
+# Written last, so a folder that holds it holds the figures of the same analysis.
+REPORT_FILE = "correlation.json"
 
 
 @torch.no_grad()
@@ -336,35 +339,13 @@ def describe(value: float | None) -> str:
 def run(args: argparse.Namespace) -> int:
     out_dir = Path(args.out_dir or args.model)
     check_output_path(out_dir, "--out_dir", folder=True)
-    report, vectors = analyze(args)
-    write_atomically(
-        out_dir / "correlation.json", lambda partial: partial.write_text(json.dumps(report, indent=1))
-    )
-    variant = report["dia_attention"]
-    if variant != "se_per_layer":
-        variant += f" ({report['dia_sharing']}, {report['dia_global_cell']} cell, condition {report['dia_condition']})"
-    title = (
-        f"{variant}\nmean r: all equal-width pairs {report['mean_r_all_pairs']:.3f}, aligned pairs "
-        f"{describe(report['mean_r_aligned_pairs'])}, aligned profiles {describe(report['mean_r_profiles'])}\n"
-        f"{report['num_images']} {report['dataset']} images x {len(report['timesteps'])} timesteps"
-    )
-    matrix = np.array(
-        [[np.nan if value is None else value for value in row] for row in report["correlation"]]
-    )
-    write_atomically(
-        out_dir / "correlation.png",
-        lambda partial: draw_heatmap(
-            matrix, report["site_widths"], report["residual_streams"], title, partial
-        ),
-    )
-    variation = (
-        f"{variant}: input variation {report['input_variation_mean']:.4f}, "
-        f"timestep variation {report['timestep_variation_mean']:.4f}"
-    )
-    write_atomically(
-        out_dir / "attention_vs_timestep.png",
-        lambda partial: draw_attention_vs_timestep(vectors, report["timesteps"], variation, partial),
-    )
+    # Before the model loads: a second analysis into the same folder is refused at once.
+    out_lock = lock_output(out_dir.absolute(), "--out_dir", "analyze-correlation")
+    try:
+        report, vectors = analyze(args)
+        write_report(out_dir, report, vectors)
+    finally:
+        out_lock.release()
     print(
         f"mean Pearson r: all equal-width pairs {report['mean_r_all_pairs']:.4f}, "
         f"aligned pairs {describe(report['mean_r_aligned_pairs'])} ({report['aligned_pairs']} pairs), "
@@ -376,3 +357,33 @@ def run(args: argparse.Namespace) -> int:
     )
     print(f"wrote correlation.json, correlation.png and attention_vs_timestep.png in {out_dir}")
     return 0
+
+
+def write_report(out_dir: Path, report: dict, vectors: list[torch.Tensor]) -> None:
+    """correlation.json and its two figures, moved into `out_dir` together once all three are drawn: a failed run
+    leaves the previous analysis whole."""
+    variant = report["dia_attention"]
+    if variant != "se_per_layer":
+        variant += f" ({report['dia_sharing']}, {report['dia_global_cell']} cell, condition {report['dia_condition']})"
+    title = (
+        f"{variant}\nmean r: all equal-width pairs {report['mean_r_all_pairs']:.3f}, aligned pairs "
+        f"{describe(report['mean_r_aligned_pairs'])}, aligned profiles {describe(report['mean_r_profiles'])}\n"
+        f"{report['num_images']} {report['dataset']} images x {len(report['timesteps'])} timesteps"
+    )
+    matrix = np.array(
+        [[np.nan if value is None else value for value in row] for row in report["correlation"]]
+    )
+    variation = (
+        f"{variant}: input variation {report['input_variation_mean']:.4f}, "
+        f"timestep variation {report['timestep_variation_mean']:.4f}"
+    )
+    writers = {
+        "correlation.png": lambda path: draw_heatmap(
+            matrix, report["site_widths"], report["residual_streams"], title, path
+        ),
+        "attention_vs_timestep.png": lambda path: draw_attention_vs_timestep(
+            vectors, report["timesteps"], variation, path
+        ),
+        REPORT_FILE: lambda path: path.write_text(json.dumps(report, indent=1)),
+    }
+    write_file_set(out_dir, writers, last=REPORT_FILE)

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from dia_diffusion.data.image_datasets import load_image_dataset, to_uint8_images
 from dia_diffusion.runtime.errors import first_line
-from dia_diffusion.runtime.output_files import write_atomically
+from dia_diffusion.runtime.output_files import check_output_path, write_atomically
 
 CLASSIFIER_FORMAT = "dia_diffusion.evaluation.feature_classifier.v1"
 HELD_OUT_FRACTION = 0.1
@@ -208,7 +208,8 @@ def load_classifier(path: str | Path) -> TrainedClassifier:
     path = Path(path)
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, pickle.UnpicklingError, EOFError, KeyError, ValueError) as error:
+    # torch reports a file cut short as a RuntimeError, an EOFError or, past the zip header, OSError EINVAL.
+    except (RuntimeError, pickle.UnpicklingError, EOFError, KeyError, ValueError, OSError) as error:
         # A damaged cache file (a full disk, a copy cut short): the classifier is trained again once it is gone.
         raise ClassifierDataError(
             f"feature classifier file {str(path)!r} is damaged ({first_line(error)}); delete it to train it again"
@@ -242,6 +243,8 @@ def load_or_train_classifier(
     """The cached classifier for (dataset, resolution, channels), trained and written atomically on first use."""
     path = classifier_cache_path(cache_dir, dataset, resolution, channels, image_column)
     if not path.exists():
+        # Before the training, which can take minutes: a cache that cannot be written is refused now.
+        check_output_path(path, "the feature classifier cache")
         images, labels, num_classes = labelled_images(dataset, resolution, channels, image_column)
         model, accuracy, held_out_count = train_classifier(images, labels, num_classes, device=device)
         payload = {

@@ -105,10 +105,12 @@ class InceptionFeatures(nn.Module):
                 feature_extractor_weights_path=str(self.weights_path),
                 antialias=False,
             )
-        except (RuntimeError, pickle.UnpicklingError, EOFError) as error:
+        # A file cut short (a partial download) fails with OSError EINVAL past the zip header.
+        except (RuntimeError, pickle.UnpicklingError, EOFError, OSError) as error:
             raise ValueError(
-                f"{str(self.weights_path)!r} is not torch-fidelity's {INCEPTION_WEIGHTS_FILE}: {first_line(error)}"
-            ) from error
+                f"{str(self.weights_path)!r} is not torch-fidelity's {INCEPTION_WEIGHTS_FILE} ({first_line(error)}): "
+                f"a partial download or another file; download it again from {INCEPTION_WEIGHTS_URL}"
+            ) from None
         self.weights_sha256 = file_sha256(self.weights_path)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:

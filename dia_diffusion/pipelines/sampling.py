@@ -5,7 +5,8 @@ the same image whatever the batch size, the number of processes or the device. G
 accelerate processes by contiguous index ranges.
 
 A samples folder (numbered PNGs, grid.png, samples.json) is written into a hidden sibling and swapped in whole once
-complete: a failure or Ctrl-C leaves the previous folder as it was, never a folder without its record.
+complete: a failure or Ctrl-C leaves the previous folder as it was, never a folder without its record. One run at a
+time writes a given folder (the lock beside it), so the hidden sibling is that run's own.
 """
 
 from __future__ import annotations
@@ -25,11 +26,13 @@ from diffusers import DDIMPipeline, DDIMScheduler, DDPMPipeline, DDPMScheduler, 
 from tqdm.auto import tqdm
 
 from dia_diffusion.runtime.errors import first_line
+from dia_diffusion.runtime.folder_lock import lock_output
 from dia_diffusion.runtime.output_files import (
     check_output_path,
     prepare_staging,
     replace_folder,
     staging_path,
+    write_error,
 )
 
 SCHEDULERS = ("ddpm", "ddim")
@@ -80,7 +83,7 @@ def check_output_folder(output: Path) -> None:
 def staged_output(output: Path, state: Any) -> Iterator[Path]:
     """Yields an empty hidden sibling of `output` to write into; when the block completes it replaces `output`
     (which `check_output_folder` has cleared for replacing), when it fails (an error, Ctrl-C) it is deleted and
-    `output` stays as it was."""
+    `output` stays as it was. A failed write (a full disk) raises OutputWriteError naming `output`."""
     target = output.absolute()
     staging = staging_path(target)
     try:
@@ -91,6 +94,8 @@ def staged_output(output: Path, state: Any) -> Iterator[Path]:
         state.wait_for_everyone()
         if state.is_main_process:
             replace_folder(staging, target)
+    except OSError as error:
+        raise write_error(output, error) from None
     finally:
         if state.is_main_process:
             shutil.rmtree(staging, ignore_errors=True)
@@ -236,6 +241,31 @@ def sample_to_folder(
     dtype = torch.float16 if half else torch.float32
     output = Path(output)
     check_output_folder(output)
+    # Before loading: a second run into the same folder is refused at once, not after its model has loaded.
+    output_lock = lock_output(output.absolute(), "--output", "sample.py", state)
+    try:
+        write_samples(
+            model, output, scheduler, num_inference_steps, eta, num_images, seed, batch_size, dtype, state
+        )
+    finally:
+        if output_lock is not None:
+            output_lock.release()
+    return output
+
+
+def write_samples(
+    model: str | Path,
+    output: Path,
+    scheduler: str,
+    num_inference_steps: int,
+    eta: float | None,
+    num_images: int,
+    seed: int,
+    batch_size: int,
+    dtype: torch.dtype,
+    state: Any,
+) -> None:
+    """`sample_to_folder`'s work, once the checks have passed and the folder is locked."""
     pipeline = load_pipeline(model, scheduler, dtype).to(state.device)
     with staged_output(output, state) as staging:
         with (
@@ -265,4 +295,3 @@ def sample_to_folder(
             }
             (staging / SAMPLES_RECORD).write_text(json.dumps(record, indent=2) + "\n")
     state.wait_for_everyone()
-    return output

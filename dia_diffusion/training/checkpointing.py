@@ -23,9 +23,16 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import RNG_STATE_NAME
 
-from dia_diffusion.runtime.folder_lock import LOCK_FILENAME, FolderLock, lock_folder
+from dia_diffusion.runtime.folder_lock import LOCK_FILENAME, FolderLock, check_unlocked, lock_folder
 from dia_diffusion.runtime.interruption import deferred_interruption
-from dia_diffusion.runtime.output_files import prepare_staging, replace_folder, staging_path
+from dia_diffusion.runtime.output_files import (
+    OutputWriteError,
+    move_into,
+    prepare_staging,
+    replace_folder,
+    staging_path,
+    write_atomically,
+)
 
 CHECKPOINTS_DIRNAME = "checkpoints"
 RUN_RECORD_FILENAME = "training_config.json"
@@ -47,22 +54,23 @@ class CheckpointLoadError(ValueError):
     """A checkpoint cannot be loaded (corrupt, or written by another model); one line naming it."""
 
 
-class OutputWriteError(RuntimeError):
-    """A checkpoint or the pipeline could not be written (a full disk, lost permissions); one line naming it."""
-
-
 def checkpoint_path(checkpoints_dir: Path, step: int) -> Path:
     return checkpoints_dir / f"checkpoint-{step}"
 
 
 def publish_checkpoint(
-    staging: Path, final_path: Path, step: int, record: dict[str, Any] | None = None
+    staging: Path,
+    final_path: Path,
+    step: int,
+    record: dict[str, Any] | None = None,
+    metrics_window: dict[str, float] | None = None,
 ) -> None:
-    """Records the step (and the run record) inside the staged checkpoint, then renames it into place in one
-    atomic step."""
+    """Records the step (the run record, and the metrics window open at that step) inside the staged checkpoint,
+    then renames it into place in one atomic step."""
     if record is not None:
         write_run_record(staging, record)
-    (staging / CHECKPOINT_STEP_FILENAME).write_text(json.dumps({"global_step": step}) + "\n")
+    position = {"global_step": step, **({"metrics_window": metrics_window} if metrics_window else {})}
+    (staging / CHECKPOINT_STEP_FILENAME).write_text(json.dumps(position) + "\n")
     # A run resumed from an earlier checkpoint reaches this step again: swap, never leave a gap or a mix.
     replace_folder(staging, final_path)
 
@@ -73,9 +81,11 @@ def save_checkpoint(
     step: int,
     keep: int | None,
     record: dict[str, Any] | None = None,
+    metrics_window: dict[str, float] | None = None,
 ) -> Path:
     """accelerate's full training state (model, optimizer, LR schedule, registered objects such as the EMA, and
-    every process's RNG states) as `checkpoints/checkpoint-<step>`, published atomically; all processes call it."""
+    every process's RNG states) as `checkpoints/checkpoint-<step>`, published atomically; all processes call it.
+    `metrics_window` is the main process's open `metrics.jsonl` window, which a resumed run continues."""
     final_path = checkpoint_path(checkpoints_dir, step)
     staging = staging_path(final_path)
     with deferred_interruption():
@@ -92,7 +102,7 @@ def save_checkpoint(
             ) from None
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
-            publish_checkpoint(staging, final_path, step, record)
+            publish_checkpoint(staging, final_path, step, record, metrics_window)
             if keep is not None:
                 remove_old_checkpoints(checkpoints_dir, keep)
         accelerator.wait_for_everyone()
@@ -203,6 +213,12 @@ def checkpoint_step(path: Path) -> int:
     return int(json.loads((path / CHECKPOINT_STEP_FILENAME).read_text())["global_step"])
 
 
+def checkpoint_metrics_window(path: Path) -> dict[str, float] | None:
+    """The metrics window open at the checkpoint's step (None for a checkpoint saved at a row, or before the window
+    was saved)."""
+    return json.loads((path / CHECKPOINT_STEP_FILENAME).read_text()).get("metrics_window")
+
+
 def check_output_dir(
     output_dir: Path, record: dict[str, Any], neutral_keys: Iterable[str], resuming: bool
 ) -> None:
@@ -211,7 +227,16 @@ def check_output_dir(
     `record` is the JSON-ready description of the run (its resolved config); keys in `neutral_keys` may differ
     between invocations of one run (e.g. how often it logs). Holding this run's checkpoints or final pipeline
     is allowed only when resuming, so a repeated command never silently starts over on top of finished work.
+    A folder that another training holds now is refused too (FolderInUseError), before anything is loaded.
     """
+    check_unlocked(output_dir / LOCK_FILENAME, "--output_dir", output_dir, "training")
+    check_run_folder(output_dir, record, neutral_keys, resuming)
+
+
+def check_run_folder(
+    output_dir: Path, record: dict[str, Any], neutral_keys: Iterable[str], resuming: bool
+) -> None:
+    """`check_output_dir` without the lock probe: what the folder holds."""
     if not output_dir.exists():
         return
     if not output_dir.is_dir():
@@ -243,10 +268,10 @@ def claim_output_dir(
     output_dir: Path, record: dict[str, Any], neutral_keys: Iterable[str], resuming: bool
 ) -> FolderLock:
     """Locks `output_dir` for this training (FolderInUseError while another holds it), then repeats
-    `check_output_dir` under the lock: a training that ended meanwhile may have filled the folder."""
+    `check_run_folder` under the lock: a training that ended meanwhile may have filled the folder."""
     folder_lock = lock_folder(output_dir)
     try:
-        check_output_dir(output_dir, record, neutral_keys, resuming)
+        check_run_folder(output_dir, record, neutral_keys, resuming)
     except RunIdentityError:
         folder_lock.release()
         raise
@@ -309,10 +334,8 @@ def read_run_record(folder: Path) -> dict[str, Any] | None:
 
 
 def write_run_record(output_dir: Path, record: dict[str, Any]) -> None:
-    output_dir.mkdir(parents=True, exist_ok=True)
-    staged = staging_path(output_dir / RUN_RECORD_FILENAME)
-    staged.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
-    os.replace(staged, output_dir / RUN_RECORD_FILENAME)
+    text = json.dumps(record, indent=2, sort_keys=True) + "\n"
+    write_atomically(output_dir / RUN_RECORD_FILENAME, lambda partial: partial.write_text(text))
 
 
 def publish_pipeline(save_pretrained: Callable[[str], None], output_dir: Path) -> None:
@@ -330,14 +353,4 @@ def publish_pipeline(save_pretrained: Callable[[str], None], output_dir: Path) -
             raise OutputWriteError(
                 f"the pipeline could not be written into '{output_dir}': {one_line(error)}"
             ) from None
-        index = staging / PIPELINE_INDEX_FILENAME
-        (output_dir / PIPELINE_INDEX_FILENAME).unlink(missing_ok=True)
-        for entry in staging.iterdir():
-            if entry == index:
-                continue
-            target = output_dir / entry.name
-            if target.is_dir():
-                shutil.rmtree(target)
-            os.replace(entry, target)
-        os.replace(index, output_dir / PIPELINE_INDEX_FILENAME)
-        staging.rmdir()
+        move_into(staging, output_dir, last=PIPELINE_INDEX_FILENAME)

@@ -11,6 +11,7 @@ and sampling/evaluation run inside `torch.random.fork_rng`, so they never shift 
 
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,10 +28,13 @@ from tqdm.auto import tqdm
 from dia_diffusion.data.image_datasets import load_image_dataset
 from dia_diffusion.evaluation.feature_extractors import MissingWeightsError
 from dia_diffusion.evaluation.pipeline_evaluator import PipelineEvaluator
+from dia_diffusion.runtime.folder_lock import LOCK_FILENAME
+from dia_diffusion.runtime.output_files import new_entries_removed_on_failure
 from dia_diffusion.training.checkpointing import (
     CHECKPOINTS_DIRNAME,
     check_output_dir,
     check_resume_checkpoint,
+    checkpoint_metrics_window,
     checkpoint_step,
     claim_output_dir,
     load_resume_checkpoint,
@@ -107,7 +111,12 @@ def train(config: TrainingConfig) -> TrainingResult:
     # Identical on every process, so every process builds the same initial weights and EMA.
     set_seed(config.seed)
 
-    # 2. Inputs: every check that can fail runs before the first file is written.
+    # 2. Inputs: every check that can fail runs before the first file is written; the folder's first.
+    record = run_record(config, accelerator.num_processes)
+    resuming = config.resume_from_checkpoint is not None
+    if resuming:
+        check_resume_checkpoint(checkpoints_dir, config.resume_from_checkpoint, record, RUN_NEUTRAL_FIELDS)
+    check_output_dir(output_dir, record, RUN_NEUTRAL_FIELDS, resuming)
     dataset = load_image_dataset(config.dataset, "train", config.image_column)
     images_per_step = config.train_batch_size * accelerator.num_processes
     if len(dataset) < images_per_step:
@@ -116,11 +125,6 @@ def train(config: TrainingConfig) -> TrainingResult:
             f"(--train_batch_size {config.train_batch_size} x {accelerator.num_processes} processes)"
         )
     unet = initial_unet(config)
-    record = run_record(config, accelerator.num_processes)
-    resuming = config.resume_from_checkpoint is not None
-    if resuming:
-        check_resume_checkpoint(checkpoints_dir, config.resume_from_checkpoint, record, RUN_NEUTRAL_FIELDS)
-    check_output_dir(output_dir, record, RUN_NEUTRAL_FIELDS, resuming)
     evaluator = make_evaluator(config, accelerator) if config.eval_every else None
     accelerator.wait_for_everyone()
 
@@ -156,17 +160,26 @@ def train(config: TrainingConfig) -> TrainingResult:
         else None
     )
     progress = metrics = None
+    # A start that fails (a full disk, Ctrl-C) takes back what it wrote: the same command can run again.
+    start_up = (
+        new_entries_removed_on_failure(output_dir, keep=(LOCK_FILENAME,))
+        if accelerator.is_main_process
+        else nullcontext()
+    )
     try:
-        global_step, record = resume(accelerator, config, checkpoints_dir, lr_scheduler, ema, record)
-        if accelerator.is_main_process:
-            write_run_record(output_dir, record)
-        accelerator.print(run_summary(config, accelerator.num_processes, len(dataset), unet))
+        with start_up:
+            global_step, record, open_window = resume(
+                accelerator, config, checkpoints_dir, lr_scheduler, ema, record
+            )
+            if accelerator.is_main_process:
+                write_run_record(output_dir, record)
+            accelerator.print(run_summary(config, accelerator.num_processes, len(dataset), unet))
+            if accelerator.is_main_process:
+                metrics = MetricsLog(output_dir / METRICS_FILENAME, keep_until_step=global_step)
+            if config.logger == "tensorboard":
+                accelerator.init_trackers(TRACKER_PROJECT, config=tracker_hyperparameters(config))
 
         # 5. The loop.
-        if accelerator.is_main_process:
-            metrics = MetricsLog(output_dir / METRICS_FILENAME, keep_until_step=global_step)
-        if config.logger == "tensorboard":
-            accelerator.init_trackers(TRACKER_PROJECT, config=tracker_hyperparameters(config))
         progress = tqdm(
             total=config.max_train_steps,
             initial=global_step,
@@ -175,6 +188,7 @@ def train(config: TrainingConfig) -> TrainingResult:
         )
         sampling_scheduler = DDPMScheduler.from_config(noise_scheduler.config)
         log_window = LogWindow(images_per_step * config.gradient_accumulation_steps)
+        log_window.restore(open_window)
         keep_checkpoints = config.checkpoints_total_limit or None
         epoch, batches_to_skip = divmod(
             global_step * config.gradient_accumulation_steps, len(train_dataloader)
@@ -224,7 +238,10 @@ def train(config: TrainingConfig) -> TrainingResult:
                         metrics.write(global_step, row)
                 # After the step's metrics: a checkpoint never lacks a row that the resumed run would not log again.
                 if global_step % config.checkpointing_steps == 0 or is_last:
-                    save_checkpoint(accelerator, checkpoints_dir, global_step, keep_checkpoints, record)
+                    window = log_window.state()
+                    save_checkpoint(
+                        accelerator, checkpoints_dir, global_step, keep_checkpoints, record, window
+                    )
                 if is_last:
                     break
                 clock = time.perf_counter()
@@ -263,18 +280,18 @@ def resume(
     lr_scheduler: AcceleratedScheduler,
     ema: EMAModel,
     record: dict[str, Any],
-) -> tuple[int, dict[str, Any]]:
+) -> tuple[int, dict[str, Any], dict[str, float] | None]:
     """Loads what --resume_from_checkpoint names (weights, optimizer, LR schedule, EMA, every process's RNG states)
-    and continues at --learning_rate; returns the step to continue from and the run record, with the learning-rate
-    history as of that step."""
+    and continues at --learning_rate; returns the step to continue from, the run record, with the learning-rate
+    history as of that step, and the metrics window that was open at that step."""
     if config.resume_from_checkpoint is None:
-        return 0, record
+        return 0, record, None
     spec = config.resume_from_checkpoint
     path = load_resume_checkpoint(
         accelerator, checkpoints_dir, spec, lambda message: warn(accelerator, message)
     )
     if path is None:
-        return 0, record
+        return 0, record, None
     global_step = checkpoint_step(path)
     if global_step > config.max_train_steps:
         # Nothing would train, and the final pipeline would publish this later step's weights as a shorter run's.
@@ -290,7 +307,7 @@ def resume(
         accelerator.print(
             f"learning rate {changes[-2]['learning_rate']:g} -> {config.learning_rate:g} from step {global_step + 1}"
         )
-    return global_step, {**record, "learning_rate_changes": changes}
+    return global_step, {**record, "learning_rate_changes": changes}, checkpoint_metrics_window(path)
 
 
 def continue_learning_rate(

@@ -6,6 +6,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from dia_diffusion.runtime.output_files import write_atomically, write_error
 from dia_diffusion.training.config import TrainingConfig
 
 METRICS_FILENAME = "metrics.jsonl"
@@ -18,7 +19,11 @@ def tracker_hyperparameters(config: TrainingConfig) -> dict[str, Any]:
 
 class LogWindow:
     """Mean loss and training throughput since the last metrics row (sampling, evaluation and checkpoint time
-    excluded)."""
+    excluded).
+
+    A checkpoint saved inside a window carries its `state()`, and the resumed run `restore`s it, so the row that
+    closes the window averages the same batches, in the same order, as the uninterrupted run's.
+    """
 
     def __init__(self, images_per_step: int) -> None:
         self.images_per_step = images_per_step
@@ -26,6 +31,23 @@ class LogWindow:
 
     def reset(self) -> None:
         self.loss_sum, self.batches, self.steps, self.seconds = 0.0, 0, 0, 0.0
+
+    def state(self) -> dict[str, float]:
+        """The open window, JSON-ready (floats survive JSON exactly); empty right after a row."""
+        if not self.batches:
+            return {}
+        return {
+            "loss_sum": self.loss_sum,
+            "batches": self.batches,
+            "steps": self.steps,
+            "seconds": self.seconds,
+        }
+
+    def restore(self, state: dict[str, float] | None) -> None:
+        self.reset()
+        if state:
+            self.loss_sum, self.batches = state["loss_sum"], state["batches"]
+            self.steps, self.seconds = state["steps"], state["seconds"]
 
     def add_batch(self, loss: float) -> None:
         self.loss_sum += loss
@@ -61,15 +83,16 @@ class MetricsLog:
                         kept.append(line + "\n")
                 except (json.JSONDecodeError, KeyError, TypeError):
                     continue  # a line cut short by the interruption
-        path.parent.mkdir(parents=True, exist_ok=True)
-        staged = path.with_name(f".{path.name}")
-        staged.write_text("".join(kept))
-        staged.replace(path)
+        write_atomically(path, lambda partial: partial.write_text("".join(kept)))
+        self.path = path
         self.file = path.open("a")
 
     def write(self, step: int, values: dict[str, float]) -> None:
-        self.file.write(json.dumps({"step": step, **values}) + "\n")
-        self.file.flush()
+        try:
+            self.file.write(json.dumps({"step": step, **values}) + "\n")
+            self.file.flush()
+        except OSError as error:
+            raise write_error(self.path, error) from None
 
     def close(self) -> None:
         self.file.close()
