@@ -2,12 +2,13 @@
 the open window (loss sum, batch and step counts) travels with the checkpoint."""
 
 import pytest
-from test_train_loop import SimulatedKill, reset_accelerate_state
+from test_train_loop import loss_with_nan_at_call, reset_accelerate_state
 from tiny_training import assert_same_weights, read_metrics, tiny_config
 
 from dia_diffusion.training import step as training_steps
 from dia_diffusion.training.checkpointing import find_latest_checkpoint
 from dia_diffusion.training.loop import train
+from dia_diffusion.training.step import NonFiniteLossError
 
 pytestmark = pytest.mark.usefixtures("isolated_run")
 
@@ -18,19 +19,11 @@ def test_a_resume_inside_a_log_window_logs_the_uninterrupted_rows(tiny_dataset, 
     uninterrupted = train(tiny_config(tiny_dataset, tmp_path / "whole", **settings))
     reset_accelerate_state()
 
-    real_loss = training_steps.diffusion_loss
-    calls = {"count": 0}
-
-    def dies_during_step_5(*args):
-        calls["count"] += 1
-        if calls["count"] == 5:
-            raise SimulatedKill
-        return real_loss(*args)
-
-    monkeypatch.setattr(training_steps, "diffusion_loss", dies_during_step_5)
-    with pytest.raises(SimulatedKill):
-        train(tiny_config(tiny_dataset, tmp_path / "split", **settings))
-    monkeypatch.setattr(training_steps, "diffusion_loss", real_loss)
+    # A NaN loss at step 5 stops the run before that step's update, past the step-3 checkpoint.
+    with monkeypatch.context() as patch:
+        patch.setattr(training_steps, "diffusion_loss", loss_with_nan_at_call(5))
+        with pytest.raises(NonFiniteLossError):
+            train(tiny_config(tiny_dataset, tmp_path / "split", **settings))
     assert find_latest_checkpoint(tmp_path / "split" / "checkpoints").name == "checkpoint-3"
     reset_accelerate_state()
     resumed = train(
