@@ -70,6 +70,20 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--channels", type=int, help="1 (grey) or 3 (RGB); images are converted to match")
     data.add_argument("--random_flip", action=flag_bool, default=None)
     data.add_argument("--dataloader_num_workers", type=int)
+    data.add_argument(
+        "--class_conditional",
+        action=flag_bool,
+        default=None,
+        help="condition on the dataset's class labels (saves a ClassConditionalPipeline)",
+    )
+    data.add_argument(
+        "--class_dropout", type=float, help="probability of dropping a label to the null class (default 0.1)"
+    )
+    data.add_argument(
+        "--guidance_scale",
+        type=float,
+        help="classifier-free guidance of the sample grid and evaluation (default 1)",
+    )
 
     model = parser.add_argument_group("model")
     model.add_argument("--unet", help=f"one of {', '.join(UNET_VARIANTS)}")

@@ -42,6 +42,11 @@ class TrainingConfig:
     channels: int = 1
     random_flip: bool = False
     dataloader_num_workers: int = 0
+    # class-conditional training: labels from the dataset, dropped to the null class with probability class_dropout;
+    # guidance_scale is what the sample grid and the evaluation sample with (see tasks.py)
+    class_conditional: bool = False
+    class_dropout: float = 0.1
+    guidance_scale: float = 1.0
     # model: UNet2DModel arguments except sample_size / in_channels / out_channels, which follow the data
     unet: str = "dia"
     unet_config: dict[str, Any] = field(default_factory=dict)
@@ -102,6 +107,8 @@ class TrainingConfig:
         }
 
 
+CLASS_CONDITIONAL_FIELDS = ("class_conditional", "class_dropout", "guidance_scale")
+
 # Settings that may change between invocations of one run without making it a different run. A changed learning
 # rate is recorded in `learning_rate_changes` with the step it applies from.
 RUN_NEUTRAL_FIELDS = (
@@ -118,6 +125,7 @@ RUN_NEUTRAL_FIELDS = (
     "log_every",
     "logger",
     "sample_every",
+    "guidance_scale",
     "num_sample_images",
     "sample_inference_steps",
     "eval_every",
@@ -189,6 +197,10 @@ def validate_config(config: TrainingConfig) -> None:
     for name in not_negative:
         if getattr(config, name) < 0:
             raise TrainingConfigError(f"--{name} must not be negative, got {getattr(config, name)!r}")
+    if not 0.0 <= config.class_dropout < 1.0:
+        raise TrainingConfigError(f"--class_dropout must lie in [0, 1), got {config.class_dropout!r}")
+    if config.guidance_scale < 0:
+        raise TrainingConfigError(f"--guidance_scale must not be negative, got {config.guidance_scale!r}")
     if not 0.0 < config.ema_decay < 1.0:
         raise TrainingConfigError(f"--ema_decay must be between 0 and 1, got {config.ema_decay!r}")
     if not 0 <= config.seed <= MAX_SEED:
@@ -216,4 +228,9 @@ def run_record(config: TrainingConfig, num_processes: int) -> dict[str, Any]:
     the learning rates the optimizer used: `{"step": s, "learning_rate": lr}` means lr from step s + 1 on (a resumed
     run takes the history from its checkpoint, see `resume`)."""
     learning_rate_changes = [{"step": 0, "learning_rate": config.learning_rate}]
-    return {**asdict(config), "num_processes": num_processes, "learning_rate_changes": learning_rate_changes}
+    settings = asdict(config)
+    if not config.class_conditional:
+        # An unconditional run records none of them, as runs recorded before they existed did: those still resume.
+        for name in CLASS_CONDITIONAL_FIELDS:
+            del settings[name]
+    return {**settings, "num_processes": num_processes, "learning_rate_changes": learning_rate_changes}

@@ -5,9 +5,8 @@ from collections.abc import Iterator
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 
-from dia_diffusion.data.decoded_images import training_pixels
 from dia_diffusion.training.config import TrainingConfig
 
 
@@ -33,13 +32,14 @@ class EpochShuffleSampler(Sampler[int]):
         yield from np.random.default_rng([self.seed, self.epoch]).permutation(self.size).tolist()
 
 
-def make_dataloader(dataset, config: TrainingConfig) -> DataLoader:
+def make_dataloader(items: Dataset, config: TrainingConfig) -> DataLoader:
+    """Batches of the training `items` (a task's, see tasks.py) in the run's order."""
     # The flip happens in the loop, from the checkpointed RNG: a flip inside the transform would be drawn while
     # accelerate pre-fetches the next batch, one batch ahead of the checkpoint.
     return DataLoader(
-        training_pixels(dataset, config.resolution, config.channels),
+        items,
         batch_size=config.train_batch_size,
-        sampler=EpochShuffleSampler(len(dataset), config.seed),
+        sampler=EpochShuffleSampler(len(items), config.seed),
         drop_last=True,
         num_workers=config.dataloader_num_workers,
         # Seeds the worker processes, so a run with workers is as repeatable as one without.

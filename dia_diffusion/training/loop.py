@@ -20,7 +20,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.scheduler import AcceleratedScheduler
 from accelerate.utils import GradientAccumulationPlugin, ProjectConfiguration, set_seed
-from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+from diffusers import DDPMScheduler, DiffusionPipeline, UNet2DModel
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
@@ -56,6 +56,7 @@ from dia_diffusion.training.metrics_log import (
 from dia_diffusion.training.presets import build_unet
 from dia_diffusion.training.sample_grid import write_sample_grid
 from dia_diffusion.training.step import check_finite, training_step
+from dia_diffusion.training.tasks import UnconditionalTask, make_task
 
 TRACKER_PROJECT = "train_ddpm"
 SAMPLES_DIRNAME = "samples"
@@ -124,7 +125,8 @@ def train(config: TrainingConfig) -> TrainingResult:
             f"--dataset {config.dataset!r} has {len(dataset)} images, fewer than one batch of {images_per_step} "
             f"(--train_batch_size {config.train_batch_size} x {accelerator.num_processes} processes)"
         )
-    unet = initial_unet(config)
+    task = make_task(config, dataset)
+    unet = initial_unet(config, task)
     evaluator = make_evaluator(config, accelerator) if config.eval_every else None
     accelerator.wait_for_everyone()
 
@@ -144,7 +146,7 @@ def train(config: TrainingConfig) -> TrainingResult:
         variance_type=config.variance_type,
         prediction_type=config.prediction_type,
     )
-    train_dataloader = make_dataloader(dataset, config)
+    train_dataloader = make_dataloader(task.training_items(dataset, config), config)
     unet, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(
         unet, optimizer, train_dataloader, lr_scheduler
     )
@@ -203,7 +205,7 @@ def train(config: TrainingConfig) -> TrainingResult:
                 batches_to_skip = 0
             for batch in batches:
                 with accelerator.accumulate(unet):
-                    losses = training_step(accelerator, unet, optimizer, noise_scheduler, batch, config)
+                    losses = training_step(accelerator, unet, optimizer, noise_scheduler, batch, config, task)
                     check_finite(losses, global_step + 1, checkpoints_dir)
                 log_window.add_batch(losses.mean().item())
                 if not accelerator.sync_gradients:
@@ -223,14 +225,14 @@ def train(config: TrainingConfig) -> TrainingResult:
                 if (config.sample_every and global_step % config.sample_every == 0) or is_last:
                     with ema_weights(ema, unet, accelerator.device):
                         if accelerator.is_main_process:
-                            pipeline = make_pipeline(accelerator.unwrap_model(unet), sampling_scheduler)
+                            pipeline = make_pipeline(task, accelerator.unwrap_model(unet), sampling_scheduler)
                             grid_path = output_dir / SAMPLES_DIRNAME / f"step-{global_step:07d}.png"
-                            write_sample_grid(pipeline, config, grid_path)
+                            write_sample_grid(task, pipeline, config, grid_path)
                     accelerator.wait_for_everyone()
                 if evaluator is not None and (global_step % config.eval_every == 0 or is_last):
                     with ema_weights(ema, unet, accelerator.device):
                         row.update(
-                            evaluator(make_pipeline(accelerator.unwrap_model(unet), sampling_scheduler))
+                            evaluator(make_pipeline(task, accelerator.unwrap_model(unet), sampling_scheduler))
                         )
                 if row:
                     accelerator.log(row, step=global_step)
@@ -250,7 +252,7 @@ def train(config: TrainingConfig) -> TrainingResult:
         # 6. The final pipeline, with the EMA weights.
         with ema_weights(ema, unet, accelerator.device):
             if accelerator.is_main_process:
-                pipeline = make_pipeline(accelerator.unwrap_model(unet), sampling_scheduler)
+                pipeline = make_pipeline(task, accelerator.unwrap_model(unet), sampling_scheduler)
                 publish_pipeline(pipeline.save_pretrained, output_dir)
         accelerator.wait_for_everyone()
     finally:
@@ -342,12 +344,22 @@ def warn(accelerator: Accelerator, message: str) -> None:
         print(f"warning: {message}", file=sys.stderr)
 
 
-def initial_unet(config: TrainingConfig) -> UNet2DModel:
-    """The model the run starts from: a fresh one of the preset's layout, or the saved UNet of `--init_unet`."""
+def initial_unet(config: TrainingConfig, task: UnconditionalTask) -> UNet2DModel:
+    """The model the run starts from: a fresh one of the preset's layout (with what `task` adds to it, the class
+    embeddings of a class-conditional task), or the saved UNet of `--init_unet`, which must have the task's layout."""
     if config.init_unet is not None:
-        return load_initial_unet(config.init_unet, config.unet, config.dia_options())
+        unet = load_initial_unet(config.init_unet, config.unet, config.dia_options())
+        for name, value in task.unet_arguments().items():
+            if unet.config.get(name) != value:
+                raise TrainingConfigError(
+                    f"--init_unet '{config.init_unet}' has {name}={unet.config.get(name)!r}; this "
+                    f"{task.name} run needs {value!r}"
+                )
+        return unet
     try:
-        return build_unet(config.unet, config.unet_arguments(), config.dia_options())
+        return build_unet(
+            config.unet, {**config.unet_arguments(), **task.unet_arguments()}, config.dia_options()
+        )
     except ValueError as error:
         raise TrainingConfigError(
             f"the UNet of --preset {config.preset} with these flags cannot be built: {error}"
@@ -360,8 +372,8 @@ def make_optimizer(unet: UNet2DModel, config: TrainingConfig) -> torch.optim.Opt
     )
 
 
-def make_pipeline(unet: UNet2DModel, scheduler: DDPMScheduler) -> DDPMPipeline:
-    pipeline = DDPMPipeline(unet=unet, scheduler=scheduler)
+def make_pipeline(task: UnconditionalTask, unet: UNet2DModel, scheduler: DDPMScheduler) -> DiffusionPipeline:
+    pipeline = task.pipeline(unet, scheduler)
     pipeline.set_progress_bar_config(disable=True)
     return pipeline
 

@@ -1,0 +1,109 @@
+"""Class-conditional training through the one training loop (`--class_conditional`): the UNet gets a class embedding
+per class plus the null class, the loss sees the labels with some dropped to the null class, the run resumes bitwise,
+and it leaves a ClassConditionalPipeline whose grid shows one class per column."""
+
+import pytest
+import torch
+from accelerate.state import AcceleratorState, GradientState
+from PIL import Image
+from tiny_training import assert_same_weights, tiny_config
+
+from dia_diffusion.data.image_datasets import DatasetSpecError, load_image_dataset
+from dia_diffusion.pipelines.class_conditional import ClassConditionalPipeline
+from dia_diffusion.training import step as training_steps
+from dia_diffusion.training.config import TrainingConfigError
+from dia_diffusion.training.loop import train
+
+pytestmark = pytest.mark.usefixtures("isolated_run")
+
+
+def reset_accelerate_state() -> None:
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+def test_a_class_conditional_run_trains_on_the_labels_and_leaves_a_class_conditional_pipeline(
+    tiny_dataset, tmp_path, monkeypatch
+):
+    seen = []
+    real_loss = training_steps.diffusion_loss
+
+    def watched_loss(unet, noise_scheduler, clean_images, **unet_inputs):
+        seen.append(unet_inputs["class_labels"].clone())
+        return real_loss(unet, noise_scheduler, clean_images, **unet_inputs)
+
+    monkeypatch.setattr(training_steps, "diffusion_loss", watched_loss)
+    config = tiny_config(
+        tiny_dataset,
+        tmp_path / "run",
+        class_conditional=True,
+        class_dropout=0.5,
+        max_train_steps=12,
+        checkpointing_steps=12,
+        num_sample_images=20,
+        guidance_scale=2.0,
+    )
+    result = train(config)
+    assert result.unet.config.num_class_embeds == 11  # ten digits and the null class
+    labels = torch.cat(seen)
+    assert labels.shape == (12 * 4,) and labels.min() >= 0 and labels.max() <= 10
+    dropped = (labels == 10).float().mean().item()
+    assert 0.25 < dropped < 0.75
+    kept = labels[labels != 10]
+    assert len(set(kept.tolist())) > 3
+
+    pipeline = ClassConditionalPipeline.from_pretrained(tmp_path / "run")
+    assert pipeline.num_classes == 10 and pipeline.get_label_ids("7") == [7]
+    images = pipeline([3, 4], num_inference_steps=2, output_type="pt").images
+    assert images.shape == (2, 1, 8, 8)
+    # 20 images, ten classes: two rows of ten columns (each 8-pixel image upscaled to 64, 2-pixel padding).
+    grid = Image.open(tmp_path / "run" / "samples" / "step-0000012.png")
+    assert grid.size == (10 * 66 + 2, 2 * 66 + 2)
+
+
+def test_a_class_conditional_run_resumes_bitwise(tiny_dataset, tmp_path):
+    settings = dict(class_conditional=True, class_dropout=0.3, max_train_steps=6, checkpointing_steps=3)
+    whole = train(tiny_config(tiny_dataset, tmp_path / "whole", **settings))
+    reset_accelerate_state()
+    train(tiny_config(tiny_dataset, tmp_path / "split", **{**settings, "max_train_steps": 3}))
+    reset_accelerate_state()
+    resumed = train(
+        tiny_config(tiny_dataset, tmp_path / "split", resume_from_checkpoint="latest", **settings)
+    )
+    assert resumed.global_step == 6
+    assert_same_weights(whole, resumed)
+
+
+def test_a_dataset_without_labels_is_refused_before_anything_is_written(tmp_path):
+    unlabelled = tmp_path / "unlabelled"
+    load_image_dataset("digits").select(range(8)).remove_columns("label").save_to_disk(str(unlabelled))
+    with pytest.raises(DatasetSpecError, match="has no labels"):
+        train(tiny_config(str(unlabelled), tmp_path / "run", class_conditional=True))
+    assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
+
+
+def test_an_unconditional_checkpoint_cannot_start_a_class_conditional_run(tiny_dataset, tmp_path):
+    train(tiny_config(tiny_dataset, tmp_path / "stock", unet="stock", max_train_steps=2))
+    reset_accelerate_state()
+    with pytest.raises(TrainingConfigError, match="has num_class_embeds=None; this class-conditional"):
+        train(
+            tiny_config(
+                tiny_dataset,
+                tmp_path / "run",
+                class_conditional=True,
+                init_unet=str(tmp_path / "stock"),
+                unet_config=None,  # the checkpoint's layout
+            )
+        )
+
+
+@pytest.mark.parametrize(
+    "flag,value,message",
+    [
+        ("class_dropout", 1.0, r"--class_dropout must lie in \[0, 1\)"),
+        ("guidance_scale", -1.0, "must not be negative"),
+    ],
+)
+def test_bad_class_conditional_settings_are_refused_by_flag(tiny_dataset, tmp_path, flag, value, message):
+    with pytest.raises(TrainingConfigError, match=message):
+        tiny_config(tiny_dataset, tmp_path / "run", class_conditional=True, **{flag: value})
