@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 from conftest import ALL_BLOCKS_CONFIG, inputs, tiny_config
-from diffusers import UNet2DModel
+from diffusers import UNet2DConditionModel, UNet2DModel
 from diffusers.models.resnet import ResnetBlock2D
 
 from dia_diffusion import DIAUNet2DModel
@@ -119,6 +119,44 @@ def test_the_checkpoint_function_wraps_each_resnet_step_once_never_the_resnet_it
     assert wrapped == []
 
 
+def test_the_blocks_get_the_chosen_function_wrapped_and_lose_it_when_checkpointing_is_disabled():
+    model = build()
+    model.enable_gradient_checkpointing(reentrant)
+    blocks = [module for module in model.modules() if hasattr(module, "gradient_checkpointing")]
+    assert blocks and all(block.gradient_checkpointing for block in blocks)
+    functions = [block._gradient_checkpointing_func for block in blocks]
+    assert all(isinstance(f, CheckpointDIAResnetsInside) and f.checkpoint is reentrant for f in functions)
+    assert model.is_gradient_checkpointing
+    model.disable_gradient_checkpointing()
+    assert not any(block.gradient_checkpointing for block in blocks) and not model.is_gradient_checkpointing
+
+
+def test_from_unet_refuses_a_unet_of_the_other_family_by_name():
+    torch.manual_seed(0)
+    conditional = UNet2DConditionModel(
+        block_out_channels=(4, 8),
+        layers_per_block=1,
+        cross_attention_dim=8,
+        norm_num_groups=2,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+    )
+    with pytest.raises(
+        ValueError, match="^DIAUNet2DModel.from_unet expects a UNet2DModel, got a UNet2DConditionModel"
+    ):
+        DIAUNet2DModel.from_unet(conditional)
+
+
+def test_a_batch_of_64_through_resnet_upsamplers_is_the_stock_computation():
+    # diffusers makes tensors contiguous before a resnet's upsampler from a batch of 64 on.
+    torch.manual_seed(0)
+    stock = UNet2DModel(**ALL_BLOCKS_CONFIG).eval()
+    model = DIAUNet2DModel.from_unet(stock).eval()
+    sample = torch.randn(64, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(model(sample, 10).sample, stock(sample, 10).sample)
+
+
 def test_a_block_checkpoints_what_is_not_a_dia_resnet_with_the_chosen_function():
     calls = []
     inside = CheckpointDIAResnetsInside(lambda function, *args: calls.append(function) or function(*args))
@@ -127,9 +165,12 @@ def test_a_block_checkpoints_what_is_not_a_dia_resnet_with_the_chosen_function()
     other = torch.nn.Identity()
     tensor = torch.ones(2)
     assert torch.equal(inside(other, tensor), tensor) and calls == [other]
+    with pytest.raises(TypeError):
+        inside(other, tensor, unexpected=1)  # keywords reach the function
     model.dia_call.reset()
     sample, _ = inputs()
-    inside(resnet, model.conv_in(sample), model.time_embedding(model.time_proj(torch.tensor([1, 2]))))
+    temb = model.time_embedding(model.time_proj(torch.tensor([1, 2])))
+    inside(resnet, model.conv_in(sample), temb=temb)  # as resnet down/upsamplers are called
     assert calls == [other]
 
 
