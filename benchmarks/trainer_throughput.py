@@ -95,7 +95,7 @@ def ours_command(args, images: Path, output_dir: Path, steps: int) -> list[str]:
         "--dataset", str(images), "--resolution", str(args.resolution), "--channels", "3", "--unet", "stock",
         "--no-random_flip", "--train_batch_size", str(args.batch_size), "--max_train_steps", str(steps),
         "--mixed_precision", args.mixed_precision, "--ema_decay", "0.9999",
-        "--dataloader_num_workers", str(args.workers), "--logger", "tensorboard",
+        "--dataloader_num_workers", str(args.workers), "--report_to", "tensorboard",
         "--checkpointing_steps", NEVER, "--sample_every", "0", "--num_sample_images", "1",
         "--sample_inference_steps", "1", "--eval_every", "0", "--output_dir", str(output_dir),
         *shlex.split(args.ours_args),

@@ -129,7 +129,7 @@ def test_training_command_runs_bf16_compiled_on_cuda(tmp_path, isolated_run):
             "compile": True,
             "checkpointing_steps": 2,
             "log_every": 2,
-            "logger": "none",
+            "report_to": "none",
             "num_sample_images": 4,
             "sample_inference_steps": 2,
             "eval_every": 0,

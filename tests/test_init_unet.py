@@ -53,7 +53,7 @@ def run_config(dataset: str, output_dir: Path, **overrides):
         "max_train_steps": 2,
         "train_batch_size": 4,
         "checkpointing_steps": 1,
-        "logger": "none",
+        "report_to": "none",
         "num_sample_images": 2,
         "sample_inference_steps": 2,
         "eval_every": 0,

@@ -290,3 +290,35 @@ def test_a_full_disk_names_the_output_and_leaves_the_previous_samples(
     )
     assert folder_contents(output) == before
     assert sorted(path.name for path in tmp_path.iterdir()) == [".samples.lock", "samples"]
+
+
+def test_sample_script_loads_a_hub_name_from_the_hub_cache(tmp_path, monkeypatch, capsys):
+    import huggingface_hub.constants
+
+    # A hub cache laid out as huggingface_hub writes it: refs/main names the snapshot folder holding the files.
+    cache, commit = tmp_path / "hub", "0123456789abcdef0123456789abcdef01234567"
+    repo = cache / "models--someone--tiny-dia"
+    save_tiny_pipeline(repo / "snapshots" / commit, DIAUNet2DModel)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # as HF_HUB_OFFLINE=1 sets it
+
+    output = tmp_path / "samples"
+    argv = [
+        "--model",
+        "someone/tiny-dia",
+        "--num_inference_steps",
+        "2",
+        "--num_images",
+        "2",
+        "--output",
+        str(output),
+    ]
+    assert sample_script().main(argv) == 0
+    capsys.readouterr()
+    assert json.loads((output / "samples.json").read_text())["model"] == "someone/tiny-dia"
+    assert (output / "000001.png").is_file()
+    assert sample_script().main([*argv[:1], "someone/missing", *argv[2:]]) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "'someone/missing' is not a local folder" in error

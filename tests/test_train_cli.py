@@ -203,7 +203,7 @@ def test_output_dir_of_another_run_is_refused_and_left_alone(script, capsys, tmp
 
 def tiny_run_flags(dataset: str) -> list[str]:
     """A demo-preset run on the tiny dataset that samples almost nothing at the end."""
-    return ["--dataset", dataset, "--train_batch_size", "4", "--eval_every", "0", "--logger", "none",
+    return ["--dataset", dataset, "--train_batch_size", "4", "--eval_every", "0", "--report_to", "none",
             "--num_sample_images", "4", "--sample_inference_steps", "2"]  # fmt: skip
 
 
@@ -393,7 +393,7 @@ def test_script_run_as_a_user_runs_it(tmp_path):
 
     run_dir = tmp_path / "run"
     flags = ["--output_dir", str(run_dir), "--max_train_steps", "2", "--train_batch_size", "8", "--eval_every", "0",
-             "--num_sample_images", "4", "--sample_inference_steps", "2", "--logger", "none"]  # fmt: skip
+             "--num_sample_images", "4", "--sample_inference_steps", "2", "--report_to", "none"]  # fmt: skip
     trained = subprocess.run(
         [sys.executable, str(SCRIPT), *flags], env=env, capture_output=True, text=True, timeout=300
     )

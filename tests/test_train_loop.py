@@ -67,7 +67,7 @@ def loss_with_nan_at_call(call: int):
 
 
 def test_smoke_run_leaves_a_loadable_ema_pipeline(tiny_dataset, tmp_path):
-    config = tiny_config(tiny_dataset, tmp_path / "run", logger="tensorboard")
+    config = tiny_config(tiny_dataset, tmp_path / "run", report_to="tensorboard")
     initial = {
         name: value.clone() for name, value in DIAUNet2DModel(**config.unet_arguments()).state_dict().items()
     }

@@ -32,7 +32,7 @@ def tiny_config(dataset: str, output_dir: Path, **overrides) -> TrainingConfig:
         "lr_warmup_steps": 2,
         "checkpointing_steps": 2,
         "log_every": 1,
-        "logger": "none",
+        "report_to": "none",
         "num_sample_images": 4,
         "sample_inference_steps": 2,
         "eval_every": 0,

@@ -23,6 +23,7 @@ from dia_diffusion_entry import interrupted_quietly
 with interrupted_quietly("train_ddpm.py"):
     from dia_diffusion.commands.cli import EXIT_BAD_INPUT, OneLineArgumentParser
     from dia_diffusion.data.image_datasets import DatasetSpecError
+    from dia_diffusion.hub.upload import HubPushError
     from dia_diffusion.runtime.errors import print_once
     from dia_diffusion.runtime.folder_lock import FolderInUseError
     from dia_diffusion.runtime.interruption import RunInterrupted, follow_launcher, stop_on_signals
@@ -38,9 +39,12 @@ with interrupted_quietly("train_ddpm.py"):
     from dia_diffusion.training.initial_weights import InitialUNetError
     from dia_diffusion.training.loop import train
     from dia_diffusion.training.presets import PRESETS, UNET_VARIANTS
+    from dia_diffusion.training.publishing import push_run
     from dia_diffusion.training.step import NonFiniteLossError
 
 EXIT_TRAINING_FAILED = 1
+# The training finished and everything is saved; what was asked for did not all happen.
+EXIT_PUSH_FAILED = 1
 BAD_INPUT_ERRORS = (
     DatasetSpecError,
     TrainingConfigError,
@@ -126,7 +130,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--resume_from_checkpoint", help="'latest' or a checkpoint folder")
     run.add_argument("--log_every", type=int, help="steps between metrics.jsonl rows")
-    run.add_argument("--logger", help="tensorboard or none (metrics.jsonl is always written)")
+    run.add_argument(
+        "--report_to",
+        help="experiment tracker: tensorboard, wandb, all or none (metrics.jsonl is always written)",
+    )
+    # The flag --report_to replaced; old command lines still run.
+    run.add_argument("--logger", dest="report_to", help=argparse.SUPPRESS)
     run.add_argument("--sample_every", type=int, help="steps between sample grids (0: only at the end)")
     run.add_argument("--num_sample_images", type=int)
     run.add_argument("--sample_inference_steps", type=int)
@@ -134,6 +143,16 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--eval_feature", help="feature space of the Fréchet distance (default: classifier)")
     run.add_argument("--eval_num_samples", type=int)
     run.add_argument("--eval_inference_steps", type=int)
+
+    hub = parser.add_argument_group("publishing (the final pipeline folder and its model card)")
+    hub.add_argument(
+        "--push_to_hub",
+        action="store_true",
+        default=None,
+        help="upload it to the Hugging Face Hub at the end (credentials: hf auth login or HF_TOKEN)",
+    )
+    hub.add_argument("--hub_model_id", help="the hub repository (default: the output folder's name)")
+    hub.add_argument("--hub_private", action="store_true", default=None, help="create the repository private")
     return parser
 
 
@@ -175,8 +194,16 @@ def main(argv: list[str] | None = None, launcher_pid: int | None = None) -> int:
         except RunInterrupted as stop:
             report(interruption_message(stop, overrides["output_dir"]), kind="interrupted")
             return stop.exit_status
-    if os.environ.get("RANK", "0") == "0":
-        print(f"trained {result.global_step} steps; pipeline saved in {config.output_dir}")
+    if os.environ.get("RANK", "0") != "0":
+        return 0
+    print(f"trained {result.global_step} steps; pipeline saved in {config.output_dir}")
+    if config.push_to_hub:
+        try:
+            repo_id = push_run(config, result.unet, result.global_step)
+        except HubPushError as error:
+            report(f"{error}; the pipeline and its card are saved in '{config.output_dir}'")
+            return EXIT_PUSH_FAILED
+        print(f"pushed to https://huggingface.co/{repo_id}")
     return 0
 
 

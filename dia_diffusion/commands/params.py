@@ -9,6 +9,7 @@ import torch
 from diffusers import UNet2DModel
 
 from dia_diffusion.models.dia_options import DIA_ARGUMENTS
+from dia_diffusion.models.model_facts import count_parameters, stock_parameter_count
 from dia_diffusion.models.unet_2d_dia import DIAUNet2DModel
 from dia_diffusion.training.presets import PRESETS, unet_arguments
 
@@ -34,10 +35,6 @@ VARIANTS: dict[str, dict] = {
 }
 
 
-def count_parameters(module: torch.nn.Module) -> int:
-    return sum(parameter.numel() for parameter in module.parameters())
-
-
 def parameter_counts(unet_config: dict, **dia_options) -> list[dict]:
     """One row per variant: total parameters and what DIA adds to the stock UNet of the same config.
 
@@ -48,8 +45,8 @@ def parameter_counts(unet_config: dict, **dia_options) -> list[dict]:
         for key, value in unet_config.items()
         if not key.startswith("_") and key not in DIA_ARGUMENTS
     }
+    stock = stock_parameter_count(UNet2DModel, config)
     with torch.device("meta"):
-        stock = count_parameters(UNet2DModel(**config))
         rows = [{"variant": "stock", "parameters": stock, "added": 0, "added_percent": 0.0}]
         for name, variant in VARIANTS.items():
             options = {**dia_options, **variant}

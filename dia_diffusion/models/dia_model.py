@@ -13,9 +13,12 @@ from collections.abc import Iterator
 import torch
 from diffusers.models.resnet import ResnetBlock2D
 
+from dia_diffusion.hub.model_card import model_cards_wanted, write_model_card
+from dia_diffusion.hub.upload import hub_repo_id, push_folder
 from dia_diffusion.models.channel_attention import ChannelAttention, ResnetSite
 from dia_diffusion.models.dia_options import DIA_ARGUMENTS
 from dia_diffusion.models.dia_resnet import CheckpointDIAResnetsInside, DIACall, DIAResnetBlock2D
+from dia_diffusion.models.model_facts import model_card_task, model_facts
 
 
 class DIAModelMixin:
@@ -121,6 +124,7 @@ class DIAModelMixin:
         config = {key: value for key, value in unet.config.items() if key in accepted}
         config.update({"dia_gate": "identity", **dia_options})
         model = cls(**config)
+        model.retrofitted_from = unet.config.get("_name_or_path")  # the base model its card names
         missing, unexpected = model.load_state_dict(unet.state_dict(), strict=False)
         added = {key for key in model.state_dict() if key.startswith("channel_attention.")}
         if unexpected or set(missing) != added:
@@ -149,3 +153,42 @@ class DIAModelMixin:
             return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
         stock = cls.stock_class.from_pretrained(pretrained_model_name_or_path, **kwargs)
         return cls.from_unet(stock, **dia_options)
+
+    def save_pretrained(
+        self,
+        save_directory,
+        is_main_process: bool = True,
+        save_function=None,
+        safe_serialization: bool = True,
+        variant: str | None = None,
+        max_shard_size: int | str = "10GB",
+        push_to_hub: bool = False,
+        use_flashpack: bool = False,
+        base_model: str | None = None,
+        **kwargs,
+    ) -> None:
+        """diffusers' `save_pretrained` (same arguments; pipelines pass on those its signature names), plus a model
+        card (README.md) that describes the weights beside it: the DIA options and their parameter cost, the base
+        model of a retrofit (`base_model`, else what `from_unet` was given), the lines that load it. The card is
+        written again on every save; a pipeline saved by a trainer has one card at its root instead
+        (`pipeline_card_only`). With `push_to_hub=True` the folder goes up with this card (`repo_id`, `private`)."""
+        repo_id, private = kwargs.pop("repo_id", None), kwargs.pop("private", None)
+        super().save_pretrained(
+            save_directory,
+            is_main_process=is_main_process,
+            save_function=save_function,
+            safe_serialization=safe_serialization,
+            variant=variant,
+            max_shard_size=max_shard_size,
+            use_flashpack=use_flashpack,
+            **kwargs,
+        )
+        if not is_main_process or not (model_cards_wanted() or push_to_hub):
+            return
+        source = repo_id or str(save_directory)
+        base_model = base_model or getattr(self, "retrofitted_from", None)
+        facts = model_facts(self, model_card_task(self), source, base_model=base_model)
+        write_model_card(save_directory, facts)
+        if push_to_hub:
+            repo_id = hub_repo_id(save_directory, repo_id)
+            push_folder(save_directory, repo_id, bool(private), ["*"], f"Upload {type(self).__name__}")

@@ -25,6 +25,7 @@ import torch
 from diffusers import DDIMPipeline, DDIMScheduler, DDPMPipeline, DDPMScheduler, DiffusionPipeline, UNet2DModel
 from tqdm.auto import tqdm
 
+from dia_diffusion.hub.upload import local_or_hub_folder
 from dia_diffusion.runtime.errors import first_line
 from dia_diffusion.runtime.folder_lock import lock_output
 from dia_diffusion.runtime.output_files import (
@@ -117,15 +118,17 @@ def stock_pipeline(unet: UNet2DModel, scheduler_config: dict[str, Any], schedule
 def load_pipeline(
     model: str | Path, scheduler: str = "ddim", dtype: torch.dtype = torch.float32
 ) -> DiffusionPipeline:
-    """Loads a saved pipeline folder (DIA or stock UNet) into the stock pipeline for `scheduler`."""
+    """Loads a saved pipeline (DIA or stock UNet) into the stock pipeline for `scheduler`: a folder, or a hub name
+    fetched through the hub cache (the cache alone when the hub cannot be reached)."""
     if scheduler not in SCHEDULERS:
         raise SamplingError(f"--scheduler must be one of {SCHEDULERS}, got {scheduler!r}")
-    if not (Path(model) / "model_index.json").is_file():
+    folder = local_or_hub_folder(model)
+    if not (folder / "model_index.json").is_file():
         raise SamplingError(
             f"--model {str(model)!r} is not a saved diffusers pipeline folder (no model_index.json)"
         )
     try:
-        saved = DiffusionPipeline.from_pretrained(model, dtype=dtype)
+        saved = DiffusionPipeline.from_pretrained(folder, dtype=dtype)
     except OSError as error:
         raise SamplingError(f"--model {str(model)!r} cannot be loaded: {first_line(error)}") from error
     if not hasattr(saved, "unet") or not hasattr(saved, "scheduler"):
@@ -283,7 +286,7 @@ def write_samples(
         if state.is_main_process:
             save_grid(staging, num_images)
             record = {
-                "model": str(Path(model).resolve()),
+                "model": str(Path(model).resolve()) if Path(model).exists() else str(model),
                 "scheduler": scheduler,
                 "num_inference_steps": num_inference_steps,
                 "eta": pipeline_eta(pipeline, eta),

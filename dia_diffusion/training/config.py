@@ -6,6 +6,7 @@ cannot work. `run_record` is what a run writes to its folder as `training_config
 """
 
 import dataclasses
+import importlib.util
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -16,7 +17,8 @@ from dia_diffusion.training.presets import PRESETS, UNET_VARIANTS, unet_argument
 
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
 MIXED_PRECISION_MODES = ("no", "fp16", "bf16")
-LOGGERS = ("tensorboard", "none")
+# Experiment trackers, through accelerate's `log_with` (as diffusers' example trainers' --report_to); "all" is both.
+REPORT_TO = ("tensorboard", "wandb", "all", "none")
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid")
 VARIANCE_TYPES = ("fixed_small", "fixed_large")
 # diffusers' schedules, except piecewise_constant: it needs step rules, which no flag sets.
@@ -84,7 +86,7 @@ class TrainingConfig:
     checkpoints_total_limit: int = 0
     resume_from_checkpoint: str | None = None
     log_every: int = 10
-    logger: str = "tensorboard"
+    report_to: str = "tensorboard"
     sample_every: int = 0
     num_sample_images: int = 64
     sample_inference_steps: int = 1000
@@ -92,6 +94,10 @@ class TrainingConfig:
     eval_feature: str = "classifier"
     eval_num_samples: int = 500
     eval_inference_steps: int = 50
+    # publishing: the final pipeline folder and its card, uploaded to the Hugging Face Hub
+    push_to_hub: bool = False
+    hub_model_id: str | None = None
+    hub_private: bool = False
 
     def unet_arguments(self) -> dict[str, Any]:
         return unet_arguments(self.unet_config, self.resolution, self.channels)
@@ -123,7 +129,8 @@ RUN_NEUTRAL_FIELDS = (
     "checkpointing_steps",
     "checkpoints_total_limit",
     "log_every",
-    "logger",
+    "report_to",
+    "logger",  # what run records written before --report_to called the tracker setting
     "sample_every",
     "guidance_scale",
     "num_sample_images",
@@ -132,6 +139,9 @@ RUN_NEUTRAL_FIELDS = (
     "eval_feature",
     "eval_num_samples",
     "eval_inference_steps",
+    "push_to_hub",
+    "hub_model_id",
+    "hub_private",
 )
 
 
@@ -157,7 +167,7 @@ def validate_config(config: TrainingConfig) -> None:
         "unet": UNET_VARIANTS,
         "prediction_type": PREDICTION_TYPES,
         "mixed_precision": MIXED_PRECISION_MODES,
-        "logger": LOGGERS,
+        "report_to": REPORT_TO,
         "lr_scheduler": LR_SCHEDULERS,
         "beta_schedule": BETA_SCHEDULES,
         "variance_type": VARIANCE_TYPES,
@@ -205,6 +215,13 @@ def validate_config(config: TrainingConfig) -> None:
         raise TrainingConfigError(f"--ema_decay must be between 0 and 1, got {config.ema_decay!r}")
     if not 0 <= config.seed <= MAX_SEED:
         raise TrainingConfigError(f"--seed must be between 0 and {MAX_SEED}, got {config.seed!r}")
+    if config.report_to in ("wandb", "all") and importlib.util.find_spec("wandb") is None:
+        raise TrainingConfigError(
+            f"--report_to {config.report_to} needs wandb: pip install 'dia-diffusion[wandb]' (or pip install wandb)"
+        )
+    if not config.push_to_hub and (config.hub_model_id is not None or config.hub_private):
+        flag = "--hub_model_id" if config.hub_model_id is not None else "--hub_private"
+        raise TrainingConfigError(f"{flag} applies only with --push_to_hub")
     # A sampler cannot take more steps than the schedule has timesteps; diffusers would refuse only at sampling time.
     sampling_steps = ["sample_inference_steps"] + (["eval_inference_steps"] if config.eval_every else [])
     for name in sampling_steps:

@@ -49,11 +49,14 @@ from dia_diffusion.training.ema import ema_weights, make_ema
 from dia_diffusion.training.initial_weights import load_initial_unet
 from dia_diffusion.training.metrics_log import (
     METRICS_FILENAME,
+    TRACKERS,
     LogWindow,
     MetricsLog,
     tracker_hyperparameters,
+    tracker_init_kwargs,
 )
 from dia_diffusion.training.presets import build_unet
+from dia_diffusion.training.publishing import pipeline_saver
 from dia_diffusion.training.sample_grid import write_sample_grid
 from dia_diffusion.training.step import check_finite, training_step
 from dia_diffusion.training.tasks import UnconditionalTask, make_task
@@ -85,7 +88,7 @@ def make_accelerator(config: TrainingConfig) -> Accelerator:
             ),
             # Stepped by hand once per optimizer step; accelerate would otherwise step it once per process.
             step_scheduler_with_optimizer=False,
-            log_with="tensorboard" if config.logger == "tensorboard" else None,
+            log_with=TRACKERS[config.report_to] or None,
             project_config=ProjectConfiguration(
                 project_dir=str(output_dir), logging_dir=str(output_dir / "logs")
             ),
@@ -178,8 +181,12 @@ def train(config: TrainingConfig) -> TrainingResult:
             accelerator.print(run_summary(config, accelerator.num_processes, len(dataset), unet))
             if accelerator.is_main_process:
                 metrics = MetricsLog(output_dir / METRICS_FILENAME, keep_until_step=global_step)
-            if config.logger == "tensorboard":
-                accelerator.init_trackers(TRACKER_PROJECT, config=tracker_hyperparameters(config))
+            if config.report_to != "none":
+                accelerator.init_trackers(
+                    TRACKER_PROJECT,
+                    config=tracker_hyperparameters(config),
+                    init_kwargs=tracker_init_kwargs(config),
+                )
 
         # 5. The loop.
         progress = tqdm(
@@ -253,7 +260,7 @@ def train(config: TrainingConfig) -> TrainingResult:
         with ema_weights(ema, unet, accelerator.device):
             if accelerator.is_main_process:
                 pipeline = make_pipeline(task, accelerator.unwrap_model(unet), sampling_scheduler)
-                publish_pipeline(pipeline.save_pretrained, output_dir)
+                publish_pipeline(pipeline_saver(pipeline, config, global_step), output_dir)
         accelerator.wait_for_everyone()
     finally:
         if progress is not None:

@@ -1,20 +1,46 @@
-"""What a run logs: the rows of `metrics.jsonl`, the loss and throughput window behind each row, and the
-hyper-parameters the tracker records."""
+"""What a run logs: the rows of `metrics.jsonl`, the loss and throughput window behind each row, and the trackers
+of `--report_to` with the hyper-parameters they record (every row goes to them too, with the same names and step)."""
 
 import json
+import os
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from dia_diffusion.runtime.output_files import write_atomically, write_error
 from dia_diffusion.training.config import TrainingConfig
+from dia_diffusion.training.presets import UNET_VARIANTS
 
 METRICS_FILENAME = "metrics.jsonl"
+# accelerate's `log_with` for each --report_to.
+TRACKERS = {"tensorboard": ["tensorboard"], "wandb": ["wandb"], "all": ["tensorboard", "wandb"], "none": []}
 
 
 def tracker_hyperparameters(config: TrainingConfig) -> dict[str, Any]:
-    """TensorBoard's hparams accept only scalars and strings."""
-    return {key: value for key, value in asdict(config).items() if isinstance(value, (int, float, str, bool))}
+    """The run's settings as the trackers record them. TensorBoard's hparams accept only scalars and strings: the
+    DIA options are all there (an unset one as "default", the attention kind of --unet as `dia_attention`), and the
+    UNet layout as JSON text."""
+    values = {
+        key: value for key, value in asdict(config).items() if isinstance(value, (int, float, str, bool))
+    }
+    values.update(
+        {name: "default" if value is None else value for name, value in config.dia_options().items()}
+    )
+    values["dia_attention"] = UNET_VARIANTS[config.unet] or "none"
+    values["unet_config"] = json.dumps(config.unet_config)
+    return values
+
+
+def tracker_init_kwargs(config: TrainingConfig) -> dict[str, dict[str, Any]]:
+    """W&B's run takes the output folder's name, and keeps its files in <output_dir>/logs/wandb unless WANDB_DIR
+    names another place (offline runs are synced from there with `wandb sync`)."""
+    if config.report_to not in ("wandb", "all"):
+        return {}
+    options: dict[str, Any] = {"name": Path(config.output_dir).resolve().name}
+    if not os.environ.get("WANDB_DIR"):
+        options["dir"] = str(Path(config.output_dir) / "logs")
+        Path(options["dir"]).mkdir(parents=True, exist_ok=True)
+    return {"wandb": options}
 
 
 class LogWindow:
