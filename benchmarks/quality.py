@@ -62,7 +62,7 @@ from quality_summary import check_paired_starts, summarise
 
 from dia_diffusion.commands.params import count_parameters
 from dia_diffusion.runtime.file_digests import folder_weights_sha256
-from dia_diffusion.runtime.folder_lock import FolderInUseError, lock_output
+from dia_diffusion.runtime.folder_lock import LOCK_FILENAME, FolderInUseError, take_lock
 from dia_diffusion.runtime.output_files import write_atomically
 from dia_diffusion.training.presets import PRESETS
 
@@ -118,10 +118,10 @@ def run_command(
 
 @contextmanager
 def run_folder(run_dir: Path) -> Iterator[None]:
-    """One benchmark process at a time per run folder (the lock beside it): a second sitting of the same comparison
-    is refused by name instead of measuring and writing into the same files."""
+    """One benchmark process at a time per run folder (the lock inside it; the commands it runs lock their own
+    outputs): a second sitting of the same comparison is refused by name instead of writing into the same files."""
     try:
-        lock = lock_output(run_dir, "run folder", "benchmark")
+        lock = take_lock(run_dir / LOCK_FILENAME, "run folder", run_dir, "benchmark")
     except FolderInUseError as error:
         raise SystemExit(f"{Path(sys.argv[0]).name}: error: {error}") from None
     try:
