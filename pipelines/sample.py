@@ -24,7 +24,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = OneLineArgumentParser(
         prog="sample.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--model", required=True, help="a pipeline folder saved by train/train_ddpm.py")
+    parser.add_argument(
+        "--model", required=True, help="a pipeline folder saved by train/train_ddpm.py, or its hub name"
+    )
     parser.add_argument("--scheduler", choices=SCHEDULERS, default="ddim")
     parser.add_argument("--num_inference_steps", type=int, default=50)
     parser.add_argument(

@@ -108,16 +108,19 @@ def cli_arguments(dataset: str, output_dir: Path) -> list[str]:
             "--report_to", "none", "--lr_warmup_steps", "0", "--eval_every", "0"]  # fmt: skip
 
 
+def record_uploads(monkeypatch, repo_id: str) -> list[dict]:
+    """huggingface_hub's create_repo answers `repo_id`; upload_folder records what it was asked to upload."""
+    uploads = []
+    created = type("RepoUrl", (), {"repo_id": repo_id})
+    monkeypatch.setattr(huggingface_hub, "create_repo", lambda name, **options: created())
+    monkeypatch.setattr(huggingface_hub, "upload_folder", lambda **upload: uploads.append(upload))
+    return uploads
+
+
 def test_push_to_hub_uploads_the_pipeline_and_its_card_not_the_checkpoints(
     tiny_dataset, tmp_path, monkeypatch, capsys
 ):
-    uploads = []
-
-    class Created:
-        repo_id = "someone/tiny-dia"
-
-    monkeypatch.setattr(huggingface_hub, "create_repo", lambda repo_id, **options: Created())
-    monkeypatch.setattr(huggingface_hub, "upload_folder", lambda **upload: uploads.append(upload))
+    uploads = record_uploads(monkeypatch, "someone/tiny-dia")
     run_dir = tmp_path / "run"
     argv = cli_arguments(tiny_dataset, run_dir) + ["--push_to_hub", "--hub_model_id", "tiny-dia"]
     assert train_script().main(argv) == 0
@@ -152,6 +155,12 @@ def test_a_push_without_network_keeps_everything_saved_and_ends_in_one_line(
     assert (run_dir / "README.md").is_file() and (run_dir / "checkpoints" / "checkpoint-2").is_dir()
     assert f'DDPMPipeline.from_pretrained("{run_dir}")' in ModelCard.load(run_dir / "README.md").text
     assert DDPMPipeline.from_pretrained(run_dir).unet.config.sample_size == 8
+    # Once the hub can be reached, the same command resumed at its last step pushes what it saved.
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    uploads = record_uploads(monkeypatch, "someone/run")
+    argv = [*cli_arguments(tiny_dataset, run_dir), "--push_to_hub", "--resume_from_checkpoint", "latest"]
+    assert train_script().main(argv) == 0
+    assert [upload["repo_id"] for upload in uploads] == ["someone/run"]
 
 
 def test_hub_flags_without_push_to_hub_are_refused(tiny_dataset, tmp_path, capsys):
