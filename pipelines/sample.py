@@ -3,7 +3,9 @@
     python pipelines/sample.py --model runs/demo --scheduler ddim --num_inference_steps 50 \\
         --num_images 1000 --seed 0 --batch_size 64 --output samples/demo
 
-writes samples/demo/000000.png … 000999.png, grid.png (the first 64) and samples.json (how they were made).
+writes samples/demo/000000.png … 000999.png, grid.png (the first 64) and samples.json (how they were made). A
+class-conditional model (train_ddpm.py --class_conditional) takes --class_labels 3 (or 3 5 7: image i shows the
+(i mod 3)-th of them; default every class in turn) and --guidance_scale 2.0 (classifier-free guidance).
 They are written aside and replace a previous samples folder only when complete: a failure or Ctrl-C leaves it as
 it was. Image i is seeded seed + i, so it is the same whatever --batch_size or the number of processes;
 `accelerate launch pipelines/sample.py ...` splits the images across processes.
@@ -17,6 +19,7 @@ from dia_diffusion_entry import interrupted_quietly
 # Ctrl-C during the imports (seconds) ends in one line too.
 with interrupted_quietly("sample.py"):
     from dia_diffusion.commands.cli import OneLineArgumentParser, run_reporting_errors
+    from dia_diffusion.pipelines.class_conditional import ClassSampling
     from dia_diffusion.pipelines.sampling import SCHEDULERS, process_state, sample_to_folder
 
 
@@ -37,6 +40,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--output", required=True, help="folder for the PNGs, grid.png and samples.json")
     parser.add_argument("--half", action="store_true", help="float16 weights and sampling (CUDA only)")
+    parser.add_argument(
+        "--class_labels",
+        type=int,
+        nargs="+",
+        help="class-conditional models: image i shows class_labels[i mod their count] (default: every class in turn)",
+    )
+    parser.add_argument(
+        "--guidance_scale",
+        type=float,
+        default=1.0,
+        help="class-conditional models: classifier-free guidance scale (default 1, no guidance)",
+    )
     return parser.parse_args(argv)
 
 
@@ -51,6 +66,7 @@ def sample(args: argparse.Namespace) -> None:
         seed=args.seed,
         batch_size=args.batch_size,
         half=args.half,
+        classes=ClassSampling(tuple(args.class_labels or ()) or None, args.guidance_scale),
     )
     if process_state().is_main_process:
         print(f"wrote {args.num_images} images and {output / 'grid.png'}")

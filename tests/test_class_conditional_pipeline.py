@@ -1,15 +1,21 @@
 """ClassConditionalPipeline (DiTPipeline's API on a class-conditional UNet) against classifier-free guidance written
-out by hand, and the labels class-conditional training reads from a dataset."""
+out by hand; the labels class-conditional training reads from a dataset; the classes a samples folder records; and
+class accuracy, the fraction of the samples of each class that the feature classifier calls that class."""
 
+import json
+
+import numpy as np
 import pytest
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler
+from diffusers import DDIMScheduler, DDPMPipeline, DDPMScheduler
 
 from dia_diffusion import DIAUNet2DModel
 from dia_diffusion.data.class_labels import class_names
 from dia_diffusion.data.decoded_images import training_pixels
 from dia_diffusion.data.image_datasets import DatasetSpecError, load_image_dataset
-from dia_diffusion.pipelines.class_conditional import ClassConditionalPipeline
+from dia_diffusion.evaluation.class_accuracy import class_accuracy
+from dia_diffusion.pipelines.class_conditional import ClassConditionalPipeline, ClassSampling
+from dia_diffusion.pipelines.sampling import sample_to_folder
 
 NUM_CLASSES = 3
 
@@ -101,3 +107,50 @@ def test_a_dataset_without_labels_is_refused_in_one_line(tmp_path):
     unlabelled = load_image_dataset("digits").select(range(4)).remove_columns("label")
     with pytest.raises(DatasetSpecError, match="^--dataset 'x' has no labels \\(columns: image\\)"):
         class_names(unlabelled, "x")
+
+
+class ScoresAreFeatures(torch.nn.Module):
+    """A feature extractor whose features are already class scores, so that the prediction is their argmax."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.network = torch.nn.Linear(1, 1)
+
+    def logits(self, features: torch.Tensor) -> torch.Tensor:
+        return features
+
+
+def test_class_accuracy_averages_each_class_s_hit_rate():
+    # Class 0: 2 of 3 samples predicted 0; class 2: 1 of 1. The mean over classes is (2/3 + 1) / 2, not 3/4.
+    scores = np.array([[5, 0, 0], [5, 0, 0], [0, 5, 0], [0, 0, 5]], dtype=np.float32)
+    result = class_accuracy(ScoresAreFeatures(), scores, [0, 0, 0, 2])
+    assert result["class_accuracy_per_class"] == pytest.approx({0: 2 / 3, 2: 1.0})
+    assert result["class_accuracy"] == pytest.approx((2 / 3 + 1) / 2)
+    with pytest.raises(ValueError, match="4 samples but 3 labels"):
+        class_accuracy(ScoresAreFeatures(), scores, [0, 0, 0])
+
+
+def test_a_samples_folder_of_a_class_conditional_model_records_each_image_s_class(tmp_path):
+    pipeline(DDPMScheduler(num_train_timesteps=20)).save_pretrained(tmp_path / "model")
+    sample_to_folder(
+        tmp_path / "model",
+        tmp_path / "samples",
+        num_inference_steps=2,
+        num_images=5,
+        batch_size=2,
+        classes=ClassSampling((2, 0), guidance_scale=1.5),
+    )
+    record = json.loads((tmp_path / "samples" / "samples.json").read_text())
+    assert record["class_labels"] == [2, 0, 2, 0, 2] and record["guidance_scale"] == 1.5
+    balanced = ClassSampling()
+    assert balanced.labels(list(range(7)), NUM_CLASSES) == [0, 1, 2, 0, 1, 2, 0]
+    with pytest.raises(ValueError, match=r"--class_labels must lie in \[0, 3\), got \[5\]"):
+        sample_to_folder(tmp_path / "model", tmp_path / "bad", num_images=1, classes=ClassSampling((5,)))
+
+
+def test_class_labels_are_refused_for_an_unconditional_model(tmp_path):
+    torch.manual_seed(0)
+    unconditional = DDPMPipeline(unet=unet(None), scheduler=DDPMScheduler(num_train_timesteps=20))
+    unconditional.save_pretrained(tmp_path / "model")
+    with pytest.raises(ValueError, match="need a class-conditional model"):
+        sample_to_folder(tmp_path / "model", tmp_path / "out", num_images=1, classes=ClassSampling((1,)))

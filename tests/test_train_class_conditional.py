@@ -6,7 +6,7 @@ import pytest
 import torch
 from accelerate.state import AcceleratorState, GradientState
 from PIL import Image
-from tiny_training import assert_same_weights, tiny_config
+from tiny_training import assert_same_weights, read_metrics, tiny_config
 
 from dia_diffusion.data.image_datasets import DatasetSpecError, load_image_dataset
 from dia_diffusion.pipelines.class_conditional import ClassConditionalPipeline
@@ -23,8 +23,9 @@ def reset_accelerate_state() -> None:
 
 
 def test_a_class_conditional_run_trains_on_the_labels_and_leaves_a_class_conditional_pipeline(
-    tiny_dataset, tmp_path, monkeypatch
+    tiny_dataset, tmp_path, monkeypatch, classifier_cache
 ):
+    monkeypatch.setenv("XDG_CACHE_HOME", classifier_cache)
     seen = []
     real_loss = training_steps.diffusion_loss
 
@@ -42,8 +43,14 @@ def test_a_class_conditional_run_trains_on_the_labels_and_leaves_a_class_conditi
         checkpointing_steps=12,
         num_sample_images=20,
         guidance_scale=2.0,
+        eval_every=12,
+        eval_num_samples=20,
+        eval_inference_steps=2,
     )
     result = train(config)
+    # The evaluation samples every class in turn and reports how often the classifier sees the asked-for class.
+    last = read_metrics(tmp_path / "run")[-1]
+    assert last["fd_classifier"] > 0 and last["class_accuracy"] in {k / 10 for k in range(11)}
     assert result.unet.config.num_class_embeds == 11  # ten digits and the null class
     labels = torch.cat(seen)
     assert labels.shape == (12 * 4,) and labels.min() >= 0 and labels.max() <= 10

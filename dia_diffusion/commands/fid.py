@@ -22,9 +22,11 @@ from dia_diffusion.commands.fid_sources import (
     resolve_geometry,
 )
 from dia_diffusion.data.image_datasets import open_image_file, to_uint8_images
+from dia_diffusion.evaluation.class_accuracy import class_accuracy
 from dia_diffusion.evaluation.feature_extractors import (
     DEFAULT_DINOV2_MODEL,
     FEATURE_KINDS,
+    ClassifierFeatures,
     FeatureExtractor,
     build_feature_extractor,
 )
@@ -37,6 +39,7 @@ from dia_diffusion.evaluation.pipeline_evaluator import (
     inception_score,
     kernel_inception_distance,
 )
+from dia_diffusion.pipelines.class_conditional import ClassConditionalPipeline, ClassSampling
 from dia_diffusion.pipelines.sampling import (
     SCHEDULERS,
     load_pipeline,
@@ -95,8 +98,10 @@ def measure(
             "computed_from": source.record.get("source"),
         }
         return source.statistics, None, record
+    labels = None
     if source.kind == "pipeline":
         pipeline = load_pipeline(source.spec, args.scheduler).to(state.device)
+        classes = ClassSampling(guidance_scale=args.guidance_scale)
         features = generated_features(
             pipeline,
             extractor,
@@ -106,6 +111,7 @@ def measure(
             args.num_inference_steps,
             args.eta,
             state,
+            classes,
         )
         record = {
             "scheduler": args.scheduler,
@@ -113,12 +119,19 @@ def measure(
             "eta": pipeline_eta(pipeline, args.eta),
             "seed": args.seed,
         }
+        if isinstance(pipeline, ClassConditionalPipeline):
+            labels = classes.labels(list(range(args.num_samples)), pipeline.num_classes)
+            record.update(
+                guidance_scale=args.guidance_scale, classes="every class in turn (image i: i mod K)"
+            )
     elif source.kind == "samples":
         features = samples_folder_features(source, extractor, args, resolution, channels, state)
         record = {
             key: source.record.get(key)
-            for key in ("model", "scheduler", "num_inference_steps", "eta", "seed")
+            for key in ("model", "scheduler", "num_inference_steps", "eta", "seed", "guidance_scale")
+            if key in source.record
         }
+        labels = source.record.get("class_labels")
     else:
         features = dataset_features(
             source.rows(args),
@@ -134,6 +147,8 @@ def measure(
     if features.shape[0] < 2:
         raise SpecError(f"{source.spec!r} holds {features.shape[0]} image; a covariance needs at least 2")
     record = {"spec": source.spec, "kind": source.kind, "num_samples": int(features.shape[0]), **record}
+    if labels is not None and isinstance(extractor, ClassifierFeatures):
+        record.update(class_accuracy(extractor, features, labels[: features.shape[0]]))
     return FeatureStatistics.of(features), features, record
 
 
@@ -217,6 +232,11 @@ def describe(result: dict[str, Any]) -> str:
         lines.append(f"KID: {result['kid']:.6f} ± {result['kid_std']:.6f}")
     if "inception_score" in result:
         lines.append(f"IS (fake): {result['inception_score']:.3f} ± {result['inception_score_std']:.3f}")
+    if "class_accuracy" in result["fake"]:
+        lines.append(
+            f"class accuracy (fake): {100 * result['fake']['class_accuracy']:.1f}% of the samples show the class "
+            "they were asked for, by the feature classifier"
+        )
     lines.append(describe_extractor(result["feature_extractor"]))
     for side in ("real", "fake"):
         record = result[side]
@@ -305,6 +325,12 @@ def add_measurement_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num_inference_steps", type=int, default=50)
     parser.add_argument("--eta", type=float, default=None, help="DDIM eta (default 0)")
     parser.add_argument("--seed", type=int, default=0, help="image i of a pipeline SPEC is seeded seed + i")
+    parser.add_argument(
+        "--guidance_scale",
+        type=float,
+        default=1.0,
+        help="class-conditional pipeline SPEC: classifier-free guidance (its images show every class in turn)",
+    )
     parser.add_argument(
         "--inception_weights",
         default=None,

@@ -212,6 +212,10 @@ class ClassifierFeatures(nn.Module):
             )
         return self.network.features(images)
 
+    def logits(self, features: torch.Tensor) -> torch.Tensor:
+        """The classifier's class scores from the pooled features `forward` returns."""
+        return self.network.head(features)
+
     def provenance(self) -> dict[str, Any]:
         return {
             "kind": self.kind,

@@ -20,12 +20,15 @@ from diffusers import DiffusionPipeline
 from tqdm.auto import tqdm
 
 from dia_diffusion.data.image_datasets import load_image_dataset, to_uint8_images
+from dia_diffusion.evaluation.class_accuracy import class_accuracy
 from dia_diffusion.evaluation.feature_extractors import (
     FEATURE_KINDS,
+    ClassifierFeatures,
     FeatureExtractor,
     build_feature_extractor,
 )
 from dia_diffusion.evaluation.frechet import FeatureStatistics, frechet_distance_between
+from dia_diffusion.pipelines.class_conditional import EVERY_CLASS, ClassConditionalPipeline, ClassSampling
 from dia_diffusion.pipelines.sampling import generate, process_state, stock_pipeline
 
 # The evaluator compares samples with (at most) this many training images, taken in dataset order.
@@ -105,12 +108,14 @@ def generated_features(
     num_inference_steps: int,
     eta: float | None,
     state: Any,
+    classes: ClassSampling = EVERY_CLASS,
 ) -> np.ndarray:
-    """Features of images 0..num_samples-1 generated with per-sample seeds `seed + i`."""
+    """Features of images 0..num_samples-1 generated with per-sample seeds `seed + i` (and, from a class-conditional
+    pipeline, the class `classes` gives image i)."""
     device = pipeline.unet.device
 
     def features_for(indices: list[int], progress: tqdm) -> np.ndarray:
-        images = generate(pipeline, indices, seed, batch_size, num_inference_steps, eta)
+        images = generate(pipeline, indices, seed, batch_size, num_inference_steps, eta, classes)
         return features_of(extractor, (batch for _, batch in images), device, progress)
 
     return features_across_processes(num_samples, features_for, state, "generating")
@@ -173,6 +178,7 @@ class PipelineEvaluator:
         accelerator: Any = None,
         inception_weights: str | None = None,
         dinov2_model: str | None = None,
+        guidance_scale: float = 1.0,
     ):
         if feature not in FEATURE_KINDS:
             raise ValueError(f"feature must be one of {FEATURE_KINDS}, got {feature!r}")
@@ -193,6 +199,8 @@ class PipelineEvaluator:
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
         self.inception_weights = inception_weights
         self.dinov2_model = dinov2_model
+        # A class-conditional model is sampled class-balanced (image i shows class i mod K) with this guidance.
+        self.classes = ClassSampling(guidance_scale=guidance_scale)
         self.state = accelerator if accelerator is not None else process_state()
         self.extractor: FeatureExtractor | None = None
         self.reference: FeatureStatistics | None = None
@@ -258,9 +266,14 @@ class PipelineEvaluator:
             self.num_inference_steps,
             None,
             self.state,
+            self.classes,
         )
-        return {
+        result = {
             self.extractor.metric_key: frechet_distance_between(
                 self.reference, FeatureStatistics.of(features)
             )
         }
+        if isinstance(sampler, ClassConditionalPipeline) and isinstance(self.extractor, ClassifierFeatures):
+            labels = self.classes.labels(list(range(self.num_samples)), sampler.num_classes)
+            result["class_accuracy"] = class_accuracy(self.extractor, features, labels)["class_accuracy"]
+        return result

@@ -8,6 +8,7 @@ and guidance extrapolates from the null-class prediction towards the labelled on
 """
 
 import inspect
+from dataclasses import dataclass
 
 import torch
 from diffusers import DiffusionPipeline, ImagePipelineOutput
@@ -120,3 +121,38 @@ class ClassConditionalPipeline(DiffusionPipeline):
         if not return_dict:
             return (images,)
         return ImagePipelineOutput(images=images)
+
+
+@dataclass(frozen=True)
+class ClassSampling:
+    """Which class each image of a class-conditional sampling run shows, and the guidance it is sampled with.
+
+    Image i shows `class_labels[i % len(class_labels)]`, or with no labels given class i mod K: every class in turn,
+    as many images of each (a class-balanced set for evaluation) when the count is a multiple of K.
+    """
+
+    class_labels: tuple[int, ...] | None = None
+    guidance_scale: float = 1.0
+
+    def labels(self, indices: list[int], num_classes: int) -> list[int]:
+        if not self.class_labels:
+            return [index % num_classes for index in indices]
+        return [self.class_labels[index % len(self.class_labels)] for index in indices]
+
+    def check(self, pipeline: DiffusionPipeline) -> None:
+        """Labels and guidance are for a class-conditional pipeline, and its labels are its classes."""
+        if not isinstance(pipeline, ClassConditionalPipeline):
+            if self.class_labels or self.guidance_scale != 1.0:
+                raise ValueError(
+                    "--class_labels and --guidance_scale need a class-conditional model; this one has none"
+                )
+            return
+        bad = [label for label in self.class_labels or () if not 0 <= label < pipeline.num_classes]
+        if bad:
+            raise ValueError(f"--class_labels must lie in [0, {pipeline.num_classes}), got {bad}")
+        if self.guidance_scale < 0:
+            raise ValueError(f"--guidance_scale must not be negative, got {self.guidance_scale}")
+
+
+# Every class in turn, without guidance: what evaluation samples unless told otherwise.
+EVERY_CLASS = ClassSampling()

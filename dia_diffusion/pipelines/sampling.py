@@ -26,6 +26,7 @@ from diffusers import DDIMPipeline, DDIMScheduler, DDPMPipeline, DDPMScheduler, 
 from tqdm.auto import tqdm
 
 from dia_diffusion.hub.upload import local_or_hub_folder
+from dia_diffusion.pipelines.class_conditional import EVERY_CLASS, ClassConditionalPipeline, ClassSampling
 from dia_diffusion.runtime.errors import first_line
 from dia_diffusion.runtime.folder_lock import lock_output
 from dia_diffusion.runtime.output_files import (
@@ -103,13 +104,18 @@ def staged_output(output: Path, state: Any) -> Iterator[Path]:
 
 
 def stock_pipeline(unet: UNet2DModel, scheduler_config: dict[str, Any], scheduler: str) -> DiffusionPipeline:
-    """The stock diffusers pipeline for `scheduler`, its scheduler built from the trained noise schedule."""
-    if scheduler == "ddpm":
-        pipeline = DDPMPipeline(unet=unet, scheduler=DDPMScheduler.from_config(scheduler_config))
-    elif scheduler == "ddim":
-        pipeline = DDIMPipeline(unet=unet, scheduler=DDIMScheduler.from_config(scheduler_config))
-    else:
+    """The stock diffusers pipeline for `scheduler` (a `ClassConditionalPipeline` for a UNet with class embeddings),
+    its scheduler built from the trained noise schedule."""
+    if scheduler not in SCHEDULERS:
         raise SamplingError(f"--scheduler must be one of {SCHEDULERS}, got {scheduler!r}")
+    scheduler_class = DDPMScheduler if scheduler == "ddpm" else DDIMScheduler
+    noise_schedule = scheduler_class.from_config(scheduler_config)
+    if unet.config.get("num_class_embeds"):
+        pipeline = ClassConditionalPipeline(unet=unet, scheduler=noise_schedule)
+    elif scheduler == "ddpm":
+        pipeline = DDPMPipeline(unet=unet, scheduler=noise_schedule)
+    else:
+        pipeline = DDIMPipeline(unet=unet, scheduler=noise_schedule)
     # One progress bar counts images; the pipeline's own per-call bar over timesteps would interleave with it.
     pipeline.set_progress_bar_config(disable=True)
     return pipeline
@@ -127,8 +133,13 @@ def load_pipeline(
         raise SamplingError(
             f"--model {str(model)!r} is not a saved diffusers pipeline folder (no model_index.json)"
         )
+    # diffusers' own loader knows only its own pipeline classes.
+    index = json.loads((folder / "model_index.json").read_text())
+    loader = (
+        ClassConditionalPipeline if index.get("_class_name") == ClassConditionalPipeline.__name__ else None
+    )
     try:
-        saved = DiffusionPipeline.from_pretrained(folder, dtype=dtype)
+        saved = (loader or DiffusionPipeline).from_pretrained(folder, dtype=dtype)
     except OSError as error:
         raise SamplingError(f"--model {str(model)!r} cannot be loaded: {first_line(error)}") from error
     if not hasattr(saved, "unet") or not hasattr(saved, "scheduler"):
@@ -161,7 +172,7 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
 
 def pipeline_eta(pipeline: DiffusionPipeline, eta: float | None) -> float | None:
     """The η a DDIM pipeline samples with (None for DDPM), as recorded next to results."""
-    return (0.0 if eta is None else eta) if isinstance(pipeline, DDIMPipeline) else None
+    return (0.0 if eta is None else eta) if isinstance(pipeline.scheduler, DDIMScheduler) else None
 
 
 @torch.no_grad()
@@ -172,9 +183,12 @@ def generate(
     batch_size: int,
     num_inference_steps: int,
     eta: float | None = None,
+    classes: ClassSampling = EVERY_CLASS,
 ) -> Iterator[tuple[list[int], torch.Tensor]]:
-    """Yields (indices, uint8 images [B, C, H, W] on the CPU) batch by batch; image i is seeded `seed + i`."""
-    is_ddim = isinstance(pipeline, DDIMPipeline)
+    """Yields (indices, uint8 images [B, C, H, W] on the CPU) batch by batch; image i is seeded `seed + i` (and, for a
+    class-conditional pipeline, shows the class `classes` gives it)."""
+    classes.check(pipeline)
+    is_ddim = isinstance(pipeline.scheduler, DDIMScheduler)
     check_sampling_options("ddim" if is_ddim else "ddpm", num_inference_steps, eta, batch_size)
     options: dict[str, Any] = {"eta": pipeline_eta(pipeline, eta)} if is_ddim else {}
     indices = list(indices)
@@ -186,12 +200,15 @@ def generate(
         for start in range(0, len(indices), batch_size):
             batch = indices[start : start + batch_size]
             generators = [torch.Generator("cpu").manual_seed(seed + index) for index in batch]
+            if isinstance(pipeline, ClassConditionalPipeline):
+                options.update(
+                    class_labels=classes.labels(batch, pipeline.num_classes),
+                    guidance_scale=classes.guidance_scale,
+                )
+            else:
+                options.update(batch_size=len(batch))
             images = pipeline(
-                batch_size=len(batch),
-                generator=generators,
-                num_inference_steps=num_inference_steps,
-                output_type="pt",
-                **options,
+                generator=generators, num_inference_steps=num_inference_steps, output_type="pt", **options
             ).images
             yield batch, to_uint8(images)
     finally:
@@ -228,9 +245,11 @@ def sample_to_folder(
     batch_size: int = 64,
     half: bool = False,
     state: Any = None,
+    classes: ClassSampling = EVERY_CLASS,
 ) -> Path:
-    """Writes output/000000.png … , output/grid.png and output/samples.json (how they were made), replacing a
-    previous samples folder only once the new one is complete.
+    """Writes output/000000.png … , output/grid.png and output/samples.json (how they were made, and for a
+    class-conditional model each image's class), replacing a previous samples folder only once the new one is
+    complete.
 
     `state` is an accelerate Accelerator or PartialState; each process generates a contiguous share of the
     indices, and the main process writes the grid and the record once all shares are on disk.
@@ -248,7 +267,17 @@ def sample_to_folder(
     output_lock = lock_output(output.absolute(), "--output", "sample.py", state)
     try:
         write_samples(
-            model, output, scheduler, num_inference_steps, eta, num_images, seed, batch_size, dtype, state
+            model,
+            output,
+            scheduler,
+            num_inference_steps,
+            eta,
+            num_images,
+            seed,
+            batch_size,
+            dtype,
+            state,
+            classes,
         )
     finally:
         if output_lock is not None:
@@ -267,9 +296,11 @@ def write_samples(
     batch_size: int,
     dtype: torch.dtype,
     state: Any,
+    classes: ClassSampling,
 ) -> None:
     """`sample_to_folder`'s work, once the checks have passed and the folder is locked."""
     pipeline = load_pipeline(model, scheduler, dtype).to(state.device)
+    classes.check(pipeline)
     with staged_output(output, state) as staging:
         with (
             state.split_between_processes(list(range(num_images))) as indices,
@@ -278,7 +309,9 @@ def write_samples(
                 total=len(indices), desc="sampling", unit="img", disable=not state.is_main_process
             ) as progress,
         ):
-            for batch, images in generate(pipeline, indices, seed, batch_size, num_inference_steps, eta):
+            for batch, images in generate(
+                pipeline, indices, seed, batch_size, num_inference_steps, eta, classes
+            ):
                 for index, image in zip(batch, images, strict=True):
                     to_pil(image).save(staging / sample_file_name(index))
                 progress.update(len(batch))
@@ -296,5 +329,8 @@ def write_samples(
                 "resolution": pipeline.unet.config.sample_size,
                 "channels": pipeline.unet.config.in_channels,
             }
+            if isinstance(pipeline, ClassConditionalPipeline):
+                record["guidance_scale"] = classes.guidance_scale
+                record["class_labels"] = classes.labels(list(range(num_images)), pipeline.num_classes)
             (staging / SAMPLES_RECORD).write_text(json.dumps(record, indent=2) + "\n")
     state.wait_for_everyone()

@@ -400,6 +400,7 @@ def make_evaluator(config: TrainingConfig, accelerator: Accelerator) -> Pipeline
             seed=config.seed,
             image_column=config.image_column,
             accelerator=accelerator,
+            guidance_scale=config.guidance_scale,
         )
         evaluator.prepare(config.resolution, config.channels, accelerator.device)
     # Its argument checks, and a dataset the classifier cannot learn from, raise ValueErrors.
