@@ -10,7 +10,7 @@ from conftest import ALL_BLOCKS_CONFIG, inputs, tiny_config
 from diffusers import UNet2DConditionModel, UNet2DModel
 from diffusers.models.resnet import ResnetBlock2D
 
-from dia_diffusion import DIAUNet2DModel
+from dia_diffusion import DIAUNet2DConditionModel, DIAUNet2DModel
 from dia_diffusion.models.dia_resnet import CheckpointDIAResnetsInside, DIAResnetBlock2D
 
 
@@ -195,7 +195,11 @@ def test_a_resnet_run_out_of_site_order_is_refused():
     sample = torch.randn(2, resnets[1].in_channels, 4, 4)
     temb = torch.randn(2, resnets[1].time_emb_proj.in_features)
     model.dia_call.reset()
-    with pytest.raises(RuntimeError, match="^DIA resnet 1 ran when resnet 0 was due"):
+    with pytest.raises(
+        RuntimeError,
+        match="^DIA resnet 1 ran when resnet 0 was due: the blocks ran their resnets in an order the DIA sites were "
+        "not numbered in$",
+    ):
         resnets[1](sample, temb)
 
 
@@ -218,3 +222,31 @@ def test_a_copy_under_checkpointing_checkpoints_its_own_steps():
         assert resnet.dia_checkpoint is not None
         assert resnet.dia_step.__self__ is resnet
     assert_same_gradients(gradients_of(model), gradients_of(clone))
+
+
+def test_a_block_without_resnets_is_refused_by_name():
+    model = build(tiny_config())
+    del model.up_blocks[0].resnets
+    with pytest.raises(ValueError, match="^block type AttnUpBlock2D .* it has no resnets$"):
+        model.check_dia_blocks()
+
+
+@pytest.mark.parametrize("attention", ["dia_lstm", "none"])
+def test_keyword_arguments_reach_diffusers_forward(attention):
+    torch.manual_seed(0)
+    unet = DIAUNet2DConditionModel(
+        block_out_channels=(4, 8),
+        layers_per_block=1,
+        cross_attention_dim=8,
+        norm_num_groups=2,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        num_class_embeds=3,
+        dia_attention=attention,
+    ).eval()
+    sample, text = torch.randn(2, 4, 8, 8), torch.randn(2, 3, 8)
+    with torch.no_grad():
+        (output,) = unet(sample, 10, text, class_labels=torch.tensor([0, 2]), return_dict=False)
+        other_class = unet(sample, 10, text, class_labels=torch.tensor([1, 2])).sample
+    assert output.shape == sample.shape
+    assert not torch.equal(output[0], other_class[0]) and torch.equal(output[1], other_class[1])

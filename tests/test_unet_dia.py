@@ -273,7 +273,11 @@ def test_hidden_channels_only_applies_to_the_global_module(attention):
 
 def test_a_block_not_built_from_resnet_block_2d_is_refused_by_name():
     # KDownBlock2D's resnets are ResnetBlockCondNorm2D: their normalisation is conditioned, with no branch to gate.
-    with pytest.raises(ValueError, match="^block type KDownBlock2D is not supported by DIAUNet2DModel"):
+    with pytest.raises(
+        ValueError,
+        match="^block type KDownBlock2D is not supported by DIAUNet2DModel: DIA needs blocks built from "
+        "ResnetBlock2D, it has ResnetBlockCondNorm2D$",
+    ):
         build(
             down_block_types=("KDownBlock2D", "DownBlock2D"),
             block_out_channels=(32, 32),
