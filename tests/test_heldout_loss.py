@@ -101,3 +101,25 @@ def test_the_command_evaluates_a_saved_pipeline(tmp_path, capsys):
     assert result["heldout_loss"] > 0
     assert cli_main([*arguments, "--bands", "0"]) == 2
     assert "--bands must be positive" in capsys.readouterr().err
+
+
+def test_a_class_conditional_model_is_scored_on_each_image_s_true_class():
+    torch.manual_seed(0)
+    unet = DIAUNet2DModel(**TINY_GREY_UNET, num_class_embeds=4).eval()
+    scheduler = DDPMScheduler(num_train_timesteps=100)
+    images = torch.rand(3, 1, 8, 8, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    labels = torch.tensor([2, 0, 1])
+    result = heldout_loss(unet, scheduler, images, [[40]], seed=3, labels=labels)
+    # By hand: the fixed noise of image j is drawn from (seed, j); the UNet sees each image's own label.
+    noise = torch.stack(
+        [
+            torch.from_numpy(np.random.default_rng([3, j]).standard_normal((1, 1, 8, 8), np.float32))[0]
+            for j in range(3)
+        ]
+    )
+    t = torch.full((3,), 40)
+    with torch.no_grad():
+        prediction = unet(scheduler.add_noise(images, noise, t), t, labels).sample
+    assert result["heldout_loss"] == pytest.approx((prediction - noise).square().mean().item(), rel=1e-5)
+    other = heldout_loss(unet, scheduler, images, [[40]], seed=3, labels=torch.tensor([1, 1, 1]))
+    assert other["heldout_loss"] != pytest.approx(result["heldout_loss"], rel=1e-5)

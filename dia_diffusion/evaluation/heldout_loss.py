@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler
 
-from dia_diffusion.data.image_datasets import image_transform, load_image_dataset
+from dia_diffusion.data.image_datasets import DatasetSpecError, image_transform, load_image_dataset
 from dia_diffusion.models.objective import prediction_target
 from dia_diffusion.pipelines.sampling import load_pipeline
 
@@ -60,9 +60,11 @@ def heldout_loss(
     timesteps_by_band: list[list[int]],
     seed: int,
     batch_size: int = 250,
+    labels: torch.Tensor | None = None,
 ) -> dict:
     """The mean squared error of `unet`'s prediction on `images` ([N, C, H, W] in [-1, 1]), per timestep, per band
-    and overall (the mean of the bands, which hold the same number of timesteps)."""
+    and overall (the mean of the bands, which hold the same number of timesteps). A class-conditional UNet is given
+    each image's true class (`labels` [N]): the loss it was trained on, without the dropped labels."""
     timesteps = [timestep for band in timesteps_by_band for timestep in band]
     device = next(unet.parameters()).device
     squared_errors = torch.zeros(len(timesteps), dtype=torch.float64)
@@ -71,13 +73,17 @@ def heldout_loss(
     try:
         for start in range(0, len(images), batch_size):
             clean = images[start : start + batch_size].to(device)
+            conditioning = (
+                {} if labels is None else {"class_labels": labels[start : start + batch_size].to(device)}
+            )
             indices = range(start, start + len(clean))
             noise = fixed_noise(seed, indices, len(timesteps), clean.shape[1:]).to(device)
             for position, timestep in enumerate(timesteps):
                 t = torch.full((len(clean),), timestep, dtype=torch.long, device=device)
                 noisy = noise_scheduler.add_noise(clean, noise[:, position], t)
                 target = prediction_target(noise_scheduler, clean, noise[:, position], t)
-                error = F.mse_loss(unet(noisy, t).sample.float(), target.float(), reduction="sum")
+                prediction = unet(noisy, t, **conditioning).sample
+                error = F.mse_loss(prediction.float(), target.float(), reduction="sum")
                 squared_errors[position] += error.double().cpu()
     finally:
         unet.train(was_training)
@@ -99,12 +105,16 @@ def heldout_loss(
     }
 
 
-def dataset_images(spec: str, split: str, count: int, resolution: int, channels: int) -> torch.Tensor:
-    """The first `count` images of a split at the model's resolution and channels, in [-1, 1]."""
+def dataset_images(
+    spec: str, split: str, count: int, resolution: int, channels: int
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The first `count` images of a split at the model's resolution and channels, in [-1, 1], and their labels
+    (None where the dataset has none)."""
     dataset = load_image_dataset(spec, split)
     transform = image_transform(resolution, channels, random_flip=False)
     chosen = dataset.select(range(min(count, len(dataset))))
-    return torch.stack([transform(image) for image in chosen["image"]])
+    labels = torch.tensor(chosen["label"]) if "label" in chosen.column_names else None
+    return torch.stack([transform(image) for image in chosen["image"]]), labels
 
 
 def evaluate(args: argparse.Namespace) -> dict:
@@ -114,9 +124,16 @@ def evaluate(args: argparse.Namespace) -> dict:
     unet.to(device)
     resolution = unet.config.sample_size
     resolution = resolution[0] if isinstance(resolution, (list, tuple)) else resolution
-    images = dataset_images(args.dataset, args.split, args.num_images, resolution, unet.config.in_channels)
+    images, labels = dataset_images(
+        args.dataset, args.split, args.num_images, resolution, unet.config.in_channels
+    )
+    conditional = bool(unet.config.get("num_class_embeds"))
+    if conditional and labels is None:
+        raise DatasetSpecError(f"--dataset {args.dataset!r} has no labels for the class-conditional model")
     bands = band_timesteps(noise_scheduler.config.num_train_timesteps, args.bands, args.per_band)
-    result = heldout_loss(unet, noise_scheduler, images, bands, args.seed, args.batch_size)
+    result = heldout_loss(
+        unet, noise_scheduler, images, bands, args.seed, args.batch_size, labels if conditional else None
+    )
     return {
         **result,
         "model": str(args.model),
