@@ -39,7 +39,8 @@ def test_cost_quick_prints_ratios_to_stock_last(tmp_path):
     out = tmp_path / "cost.json"
     stdout = succeeded(run_benchmark(
         "cost.py", "--quick", "--variants", "stock", "dia_lstm/global", "--rounds", "3", "--sampling_rounds", "1",
-        "--ddim_steps", "2", "--warmup", "0", "--json_out", str(out),
+        "--ddim_steps", "2", "--warmup", "0", "--dtype", "float32", "bfloat16", "--matmul_size", "256",
+        "--json_out", str(out),
     ))  # fmt: skip
     ratios = json.loads(stdout.strip().splitlines()[-1])
     full = json.loads(out.read_text())
@@ -58,6 +59,21 @@ def test_cost_quick_prints_ratios_to_stock_last(tmp_path):
         assert len(per_round) == 3 and spread["min"] == min(per_round) and spread["max"] == max(per_round)
         assert spread["min"] <= spread["q1"] <= spread["median"] <= spread["q3"] <= spread["max"]
         assert spread["median"] == pytest.approx(sorted(per_round)[1])
+    # Achieved FLOP/s of the step (torch's FLOP counter) against a matmul of the same dtype timed in the same rounds.
+    for dtype, table in full["precisions"].items():
+        assert len(table["matmul_rounds_s"]) == 3 and table["matmul_flop_per_s"] > 0
+        for variant, row in table["variants"].items():
+            flops = full["results"][variant]["train_step_flops"]
+            assert row["train_step_flop_per_s"] == pytest.approx(flops / row["train_step_s"])
+            assert row["fraction_of_matmul"] == pytest.approx(
+                row["train_step_flop_per_s"] / table["matmul_flop_per_s"]
+            )
+            assert ("speedup_over_float32_per_round" in row) == (dtype == "bfloat16")
+    assert dia["train_step_flops"] > stock["train_step_flops"] > 0
+    assert (
+        dia["fraction_of_matmul"]
+        == full["precisions"]["float32"]["variants"]["dia_lstm/global"]["fraction_of_matmul"]
+    )
 
 
 def test_cost_needs_the_stock_baseline():
