@@ -4,6 +4,7 @@
     python benchmarks/quality.py --budget digits8 --jobs 2           # 6 variants x 5 seeds, 8x8 digits
     python benchmarks/quality.py --budget fmnist16 --jobs 2          # 6 variants x 5 seeds, Fashion-MNIST 16x16
     python benchmarks/quality.py --budget retrofit-fmnist16 --jobs 2 # continue each seed's stock model, paired
+    python benchmarks/quality.py --budget class-fmnist16 --jobs 2    # class-conditional: 4 variants x 5 seeds
     python benchmarks/quality.py --budget gpu                        # the same questions at 32x32, on a GPU
     python benchmarks/quality.py --budget gpu-cifar10 --dataset cifar-10-python.tar.gz
     python benchmarks/quality.py --budget cpu --jobs 2               # the earlier comparison: 7 variants x 3 seeds
@@ -55,12 +56,12 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from contextlib import contextmanager
 from pathlib import Path
 
-from diffusers import DDPMPipeline
-from quality_budgets import BUDGETS, RESULT_NEUTRAL_FIELDS, VARIANTS, Budget
+from quality_budgets import BUDGETS, RESULT_NEUTRAL_FIELDS, VARIANTS, Budget, guidance_scale
 from quality_report import draw_fd_vs_step, draw_sample_grids, table
 from quality_summary import check_paired_starts, summarise
 
 from dia_diffusion.commands.params import count_parameters
+from dia_diffusion.pipelines.sampling import load_pipeline
 from dia_diffusion.runtime.file_digests import folder_weights_sha256
 from dia_diffusion.runtime.folder_lock import LOCK_FILENAME, FolderInUseError, take_lock
 from dia_diffusion.runtime.output_files import write_atomically
@@ -197,6 +198,9 @@ def measured_run(
         "--feature", "classifier", "--num_samples", str(budget.samples), "--scheduler", "ddim",
         "--num_inference_steps", str(budget.ddim_steps), "--seed", "0", "--json",
     ]  # fmt: skip
+    guidance = guidance_scale(budget)
+    if guidance is not None:
+        measure += ["--guidance_scale", str(guidance)]
     run_command(measure, log, threads, stdout=run_dir / "fd.json")
     fd = json.loads((run_dir / "fd.json").read_text())
     metrics = [json.loads(line) for line in (model / "metrics.jsonl").read_text().splitlines()]
@@ -205,7 +209,7 @@ def measured_run(
         "seed": seed,
         "fd_classifier": fd["fd_classifier"],
         "fd_record": fd,
-        "parameters": count_parameters(DDPMPipeline.from_pretrained(model).unet),
+        "parameters": count_parameters(load_pipeline(model, "ddpm").unet),
         "unet_class": json.loads((model / "unet" / "config.json").read_text())["_class_name"],
         "unet_sha256": folder_weights_sha256(model / "unet"),
         "settings": settings,
@@ -214,6 +218,8 @@ def measured_run(
         "fd_vs_step": [(row["step"], row["fd_classifier"]) for row in metrics if "fd_classifier" in row],
         "first_logged_loss": next((row["step"], row["loss"]) for row in metrics if "loss" in row),
     }
+    if guidance is not None:
+        result["class_accuracy"] = fd["fake"]["class_accuracy"]
     if init_unet is not None:
         result["init_unet"] = str(init_unet)
     if budget.heldout_images:

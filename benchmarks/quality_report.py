@@ -16,6 +16,7 @@ def ratio_cell(mean: float, bootstrap: list[float], student: list[float], digits
 def table(rows: list[dict], budget: Budget, name: str) -> str:
     """The comparison as a Markdown table, its first line stating what each number is made of."""
     heldout = "heldout_mean" in rows[0]
+    classes = "class_accuracy_mean" in rows[0]
     seeds = rows[0]["seeds"]
     # A comparison still running has some variants at fewer seeds: then each row names its own.
     uniform = all(row["seeds"] == seeds for row in rows)
@@ -26,6 +27,8 @@ def table(rows: list[dict], budget: Budget, name: str) -> str:
         f"`{name}`: {seed_text}, {budget.steps} steps at batch {budget.batch}; "
         f"FD (classifier features) of {budget.samples} DDIM-{budget.ddim_steps} samples per run"
     )
+    if classes:
+        header += " (class-balanced), with their class accuracy"
     if heldout:
         header += f"; held-out loss on {rows[0]['heldout_images']} test images"
     header += (
@@ -33,6 +36,8 @@ def table(rows: list[dict], budget: Budget, name: str) -> str:
         "t [95 % Student-t CI over seeds]."
     )
     columns = ["variant", *([] if uniform else ["seeds"]), "parameters", "FD mean ± std", "FD ratio to stock"]
+    if classes:
+        columns += ["class accuracy mean ± std", "class accuracy ratio to stock"]
     if heldout:
         columns += [
             "held-out loss mean ± std",
@@ -50,6 +55,16 @@ def table(rows: list[dict], budget: Budget, name: str) -> str:
                 row["ratio_to_stock_mean"], row["ratio_to_stock_ci95"], row["ratio_to_stock_t_ci95"], 3
             ),
         ]
+        if classes:
+            cells += [
+                f"{row['class_accuracy_mean']:.3f} ± {row['class_accuracy_std']:.3f}",
+                ratio_cell(
+                    row["class_accuracy_ratio_mean"],
+                    row["class_accuracy_ratio_ci95"],
+                    row["class_accuracy_ratio_t_ci95"],
+                    3,
+                ),
+            ]
         if heldout:
             cells += [
                 f"{row['heldout_mean']:.5f} ± {row['heldout_std']:.5f}",

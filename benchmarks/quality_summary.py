@@ -75,6 +75,8 @@ def summarise(results: list[dict]) -> list[dict]:
         }
         if heldout:
             row.update(summarise_heldout(runs, stock_by_seed))
+        if all("class_accuracy" in run for run in runs):
+            row.update(summarise_class_accuracy(runs, stock_by_seed))
         rows.append(row)
     return rows
 
@@ -104,4 +106,19 @@ def summarise_heldout(runs: list[dict], stock_by_seed: dict[int, dict]) -> dict:
         "heldout_ratio_ci95": overall["ci95"],
         "heldout_ratio_t_ci95": overall["t_ci95"],
         "heldout_band_ratios": bands,
+    }
+
+
+def summarise_class_accuracy(runs: list[dict], stock_by_seed: dict[int, dict]) -> dict:
+    """A class-conditional comparison's class accuracy (the fraction of each class's samples the feature classifier
+    calls that class), with its paired ratio to stock."""
+    accuracies = [run["class_accuracy"] for run in runs]
+    ratio = paired_ratio(runs, stock_by_seed, lambda run: run["class_accuracy"])
+    return {
+        "class_accuracy_mean": statistics.mean(accuracies),
+        "class_accuracy_std": statistics.stdev(accuracies) if len(accuracies) > 1 else float("nan"),
+        "class_accuracy_per_seed": accuracies,
+        "class_accuracy_ratio_mean": ratio["mean"],
+        "class_accuracy_ratio_ci95": ratio["ci95"],
+        "class_accuracy_ratio_t_ci95": ratio["t_ci95"],
     }

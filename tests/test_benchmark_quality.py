@@ -157,6 +157,33 @@ def test_held_out_losses_are_paired_only_when_measured_alike(quality):
         quality.summarise(runs)
 
 
+def test_class_accuracy_is_paired_with_stock_and_tabulated(quality):
+    runs = [
+        {**fake_run("stock", 0, 2.0), "class_accuracy": 0.5},
+        {**fake_run("stock", 1, 4.0), "class_accuracy": 0.8},
+        {**fake_run("dia-global", 0, 1.0), "class_accuracy": 0.6},
+        {**fake_run("dia-global", 1, 3.0), "class_accuracy": 0.4},
+    ]
+    stock, dia = quality.summarise(runs)
+    assert dia["class_accuracy_mean"] == pytest.approx(0.5) and dia["class_accuracy_per_seed"] == [0.6, 0.4]
+    assert dia["class_accuracy_ratio_mean"] == pytest.approx((1.2 + 0.5) / 2)
+    table = quality.table([stock, dia], quality.BUDGETS["class-smoke"], "class-smoke")
+    assert "class accuracy ratio to stock" in table and "| 0.500 ± 0.141 | 0.850 [" in table
+    unconditional = quality.summarise([fake_run("stock", 0, 2.0)])
+    assert "class accuracy" not in quality.table(unconditional, quality.BUDGETS["smoke"], "smoke")
+
+
+def test_a_class_conditional_budget_trains_and_samples_with_one_guidance(quality):
+    budget = quality.BUDGETS["class-fmnist16"]
+    assert (
+        quality.guidance_scale(budget) == 1.5 and quality.guidance_scale(quality.BUDGETS["fmnist16"]) is None
+    )
+    command = quality.train_command("dia-timestep", 0, budget, REPOSITORY / "unused")
+    assert command[command.index("--guidance_scale") + 1] == "1.5" and "--class_conditional" in command
+    assert budget.variants == ("stock", "dia-global", "dia-timestep", "dia-widest-timestep")
+    assert (budget.steps, budget.samples, budget.heldout_images) == (4500, 2000, 1000)
+
+
 def test_a_table_of_unequal_seed_sets_names_each_rows_seeds(quality):
     runs = [fake_run("stock", 0, 2.0), fake_run("stock", 1, 4.0), fake_run("dia-global", 1, 3.0)]
     table = quality.table(quality.summarise(runs), quality.BUDGETS["smoke"], "smoke")
