@@ -5,6 +5,7 @@ and it leaves a ClassConditionalPipeline whose grid shows one class per column."
 import pytest
 import torch
 from accelerate.state import AcceleratorState, GradientState
+from huggingface_hub import ModelCard
 from PIL import Image
 from tiny_training import assert_same_weights, read_metrics, tiny_config
 
@@ -59,6 +60,9 @@ def test_a_class_conditional_run_trains_on_the_labels_and_leaves_a_class_conditi
     kept = labels[labels != 10]
     assert len(set(kept.tolist())) > 3
 
+    card = ModelCard.load(tmp_path / "run" / "README.md")
+    assert "class-conditional-image-generation" in card.data.tags and "DDPMPipeline" not in card.text
+    assert "ClassConditionalPipeline.from_pretrained" in card.text and "`class_dropout` | `0.5`" in card.text
     pipeline = ClassConditionalPipeline.from_pretrained(tmp_path / "run")
     assert pipeline.num_classes == 10 and pipeline.get_label_ids("7") == [7]
     images = pipeline([3, 4], num_inference_steps=2, output_type="pt").images

@@ -47,6 +47,16 @@ UNCONDITIONAL_PIPELINE = CardTask(
         "images = pipeline(batch_size=16, num_inference_steps=250).images",
     ),
 )
+CLASS_CONDITIONAL_PIPELINE = CardTask(
+    tag="class-conditional-image-generation",
+    what="a class-conditional image diffusion pipeline (`ClassConditionalPipeline`, classifier-free guidance)",
+    usage=(
+        "from dia_diffusion.pipelines.class_conditional import ClassConditionalPipeline",
+        "",
+        'pipeline = ClassConditionalPipeline.from_pretrained("{source}")',
+        "images = pipeline(class_labels=[0, 1, 2, 3], guidance_scale=1.0, num_inference_steps=250).images",
+    ),
+)
 UNCONDITIONAL_UNET = CardTask(
     tag="unconditional-image-generation",
     what="a UNet for unconditional image diffusion",

@@ -16,14 +16,14 @@ from diffusers import DiffusionPipeline
 from dia_diffusion.data.image_datasets import CIFAR10_HUB_NAME, FASHION_MNIST_HUB_NAME
 from dia_diffusion.evaluation.feature_extractors import ClassifierFeatures, Dinov2Features, InceptionFeatures
 from dia_diffusion.hub.model_card import (
+    CLASS_CONDITIONAL_PIPELINE,
     UNCONDITIONAL_PIPELINE,
-    CardTask,
     pipeline_card_only,
     write_model_card,
 )
 from dia_diffusion.hub.upload import HubPushError, create_hub_repo, hub_repo_id, is_hub_name, upload_to_hub
 from dia_diffusion.models.model_facts import model_facts
-from dia_diffusion.training.config import TrainingConfig
+from dia_diffusion.training.config import CLASS_CONDITIONAL_FIELDS, TrainingConfig
 
 METRIC_NAMES = {
     extractor.metric_key: extractor.metric_name
@@ -101,13 +101,14 @@ def run_card(
     unet: torch.nn.Module,
     step: int,
     source: str,
-    task: CardTask = UNCONDITIONAL_PIPELINE,
 ) -> Path:
     """Writes the card of the pipeline a run saved into `folder` (its staging folder, or the output folder)."""
     output_dir = Path(config.output_dir)
     grid = sample_grid_name(step)
     hub_dataset = DATASET_HUB_NAMES.get(config.dataset, config.dataset)
-    settings = {"steps trained": step, **{name: getattr(config, name) for name in CARD_SETTINGS}}
+    task = CLASS_CONDITIONAL_PIPELINE if config.class_conditional else UNCONDITIONAL_PIPELINE
+    names = [*CARD_SETTINGS, *(CLASS_CONDITIONAL_FIELDS if config.class_conditional else ())]
+    settings = {"steps trained": step, **{name: getattr(config, name) for name in names}}
     facts = model_facts(
         unet,
         task,
