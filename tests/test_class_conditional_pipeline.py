@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_GREY_UNET
 from diffusers import DDIMScheduler, DDPMPipeline, DDPMScheduler
 
 from dia_diffusion import DIAUNet2DModel
@@ -22,17 +23,7 @@ NUM_CLASSES = 3
 
 def unet(num_class_embeds: int | None = NUM_CLASSES + 1) -> DIAUNet2DModel:
     torch.manual_seed(0)
-    return DIAUNet2DModel(
-        sample_size=8,
-        in_channels=1,
-        out_channels=1,
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        norm_num_groups=4,
-        down_block_types=("DownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "UpBlock2D"),
-        num_class_embeds=num_class_embeds,
-    ).eval()
+    return DIAUNet2DModel(**TINY_GREY_UNET, num_class_embeds=num_class_embeds).eval()
 
 
 def pipeline(scheduler=None, **options) -> ClassConditionalPipeline:

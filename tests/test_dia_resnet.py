@@ -9,6 +9,7 @@ import torch
 from conftest import ALL_BLOCKS_CONFIG, inputs, tiny_config
 from diffusers import UNet2DConditionModel, UNet2DModel
 from diffusers.models.resnet import ResnetBlock2D
+from tiny_stable_diffusion import SD_UNET
 
 from dia_diffusion import DIAUNet2DConditionModel, DIAUNet2DModel
 from dia_diffusion.models.dia_resnet import CheckpointDIAResnetsInside, DIAResnetBlock2D
@@ -133,14 +134,7 @@ def test_the_blocks_get_the_chosen_function_wrapped_and_lose_it_when_checkpointi
 
 def test_from_unet_refuses_a_unet_of_the_other_family_by_name():
     torch.manual_seed(0)
-    conditional = UNet2DConditionModel(
-        block_out_channels=(4, 8),
-        layers_per_block=1,
-        cross_attention_dim=8,
-        norm_num_groups=2,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-    )
+    conditional = UNet2DConditionModel(**SD_UNET)
     with pytest.raises(
         ValueError, match="^DIAUNet2DModel.from_unet expects a UNet2DModel, got a UNet2DConditionModel"
     ):
@@ -234,16 +228,7 @@ def test_a_block_without_resnets_is_refused_by_name():
 @pytest.mark.parametrize("attention", ["dia_lstm", "none"])
 def test_keyword_arguments_reach_diffusers_forward(attention):
     torch.manual_seed(0)
-    unet = DIAUNet2DConditionModel(
-        block_out_channels=(4, 8),
-        layers_per_block=1,
-        cross_attention_dim=8,
-        norm_num_groups=2,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        num_class_embeds=3,
-        dia_attention=attention,
-    ).eval()
+    unet = DIAUNet2DConditionModel(**SD_UNET, num_class_embeds=3, dia_attention=attention).eval()
     sample, text = torch.randn(2, 4, 8, 8), torch.randn(2, 3, 8)
     with torch.no_grad():
         (output,) = unet(sample, 10, text, class_labels=torch.tensor([0, 2]), return_dict=False)

@@ -4,10 +4,9 @@ and it leaves a ClassConditionalPipeline whose grid shows one class per column."
 
 import pytest
 import torch
-from accelerate.state import AcceleratorState, GradientState
 from huggingface_hub import ModelCard
 from PIL import Image
-from tiny_training import assert_same_weights, read_metrics, tiny_config
+from tiny_training import assert_same_weights, read_metrics, reset_accelerate_state, tiny_config
 
 from dia_diffusion.data.image_datasets import DatasetSpecError, load_image_dataset
 from dia_diffusion.pipelines.class_conditional import ClassConditionalPipeline
@@ -16,11 +15,6 @@ from dia_diffusion.training.config import TrainingConfigError
 from dia_diffusion.training.loop import train
 
 pytestmark = pytest.mark.usefixtures("isolated_run")
-
-
-def reset_accelerate_state() -> None:
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
 
 
 def test_a_class_conditional_run_trains_on_the_labels_and_leaves_a_class_conditional_pipeline(

@@ -15,10 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 from accelerate import Accelerator
-from accelerate.state import AcceleratorState, GradientState
 from diffusers import DDPMPipeline
 from safetensors.torch import load_file
-from tiny_training import TINY_UNET, assert_same_weights, read_metrics, tiny_config
+from tiny_training import TINY_UNET, assert_same_weights, read_metrics, reset_accelerate_state, tiny_config
 
 from dia_diffusion import DIAUNet2DModel
 from dia_diffusion.evaluation.pipeline_evaluator import PipelineEvaluator
@@ -45,12 +44,6 @@ pytestmark = pytest.mark.usefixtures("isolated_run")
 
 class SimulatedKill(BaseException):
     """Stands for the process dying in the middle of training: no handler catches it."""
-
-
-def reset_accelerate_state() -> None:
-    """accelerate's state is a per-process singleton: a second run in this process needs it cleared."""
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
 
 
 def loss_with_nan_at_call(call: int):

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from accelerate.state import AcceleratorState, GradientState
 
 from dia_diffusion.training import step as training_steps
 from dia_diffusion.training.config import TrainingConfig, resolve_config
@@ -62,3 +63,9 @@ def watch_the_loss(patch: pytest.MonkeyPatch, seen: list) -> None:
 
 def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def reset_accelerate_state() -> None:
+    """accelerate's state is a per-process singleton: a second run in this process needs it cleared."""
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
