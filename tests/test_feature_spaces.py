@@ -16,6 +16,7 @@ from fid_cli import fid_json, run_cli, the_error
 from torch import nn
 
 from dia_diffusion.data.image_datasets import load_image_dataset, to_uint8_images
+from dia_diffusion.evaluation.feature_classifier import save_reproducibly
 from dia_diffusion.evaluation.feature_extractors import (
     INCEPTION_WEIGHTS_ENV,
     INCEPTION_WEIGHTS_FILE,
@@ -27,6 +28,7 @@ from dia_diffusion.evaluation.feature_extractors import (
     resolve_inception_weights,
 )
 from dia_diffusion.evaluation.frechet import FeatureStatistics, frechet_distance_between
+from dia_diffusion.runtime.file_digests import file_sha256
 
 CORRUPTION_LEVELS = (0.0, 0.1, 0.25, 0.5)
 
@@ -180,3 +182,12 @@ def test_inception_fid_command_records_its_weights_and_reports_kid_and_is(
     assert result["real"]["num_samples"] == 10 and result["fake"]["num_samples"] == 10
     assert result["fid"] > 0 and math.isfinite(result["kid"]) and result["kid_std"] >= 0
     assert result["inception_score"] >= 1.0  # exp of a mean KL divergence
+
+
+def test_the_same_classifier_weights_saved_under_any_name_have_the_same_sha256(tmp_path):
+    # The classifier cache writes to a temporary name with the process id before renaming: the bytes, and so the
+    # sha256 every measurement records, must not depend on it.
+    payload = {"state_dict": torch.nn.Linear(3, 2).state_dict(), "accuracy": 0.5}
+    save_reproducibly(payload, tmp_path / ".a.pt.123.partial")
+    save_reproducibly(payload, tmp_path / ".a.pt.456.partial")
+    assert file_sha256(tmp_path / ".a.pt.123.partial") == file_sha256(tmp_path / ".a.pt.456.partial")

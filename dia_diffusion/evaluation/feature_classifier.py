@@ -259,5 +259,13 @@ def load_or_train_classifier(
             "accuracy": accuracy,
             "held_out_images": held_out_count,
         }
-        write_atomically(path, lambda partial: torch.save(payload, partial))
+        write_atomically(path, lambda partial: save_reproducibly(payload, partial))
     return load_classifier(path)
+
+
+def save_reproducibly(payload: dict, path: Path) -> None:
+    """torch.save through an open file: saved to a path, torch names the archive inside after the file (here a
+    temporary name with the process id), so the same weights would get a new sha256, the identity every measurement
+    records, each time they are trained."""
+    with open(path, "wb") as stream:
+        torch.save(payload, stream)
