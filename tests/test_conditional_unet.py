@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import tiny_stable_diffusion as tiny
 import torch
+from conftest import TINY_GREY_UNET
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DConditionModel, UNet2DModel
 from diffusers.models.resnet import ResnetBlock2D
 
@@ -83,6 +84,7 @@ FRESH_PROCESS = """
 import sys, torch
 import dia_diffusion
 import tiny_stable_diffusion as tiny
+from conftest import TINY_GREY_UNET
 from diffusers import DiffusionPipeline
 results = {}
 for folder in sys.argv[2:]:
@@ -214,14 +216,7 @@ def test_blocks_not_built_from_resnet_block_2d_are_refused_by_name():
 
 def test_apply_dia_retrofits_an_unconditional_pipeline_and_a_bare_unet():
     torch.manual_seed(0)
-    unet = UNet2DModel(
-        sample_size=8,
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        norm_num_groups=4,
-        down_block_types=("DownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "UpBlock2D"),
-    )
+    unet = UNet2DModel(**TINY_GREY_UNET)
     pipeline = apply_dia(DDPMPipeline(unet=unet, scheduler=DDPMScheduler(num_train_timesteps=10)))
     assert type(pipeline.unet) is DIAUNet2DModel
     assert type(apply_dia(unet, dia_sharing="per_width")) is DIAUNet2DModel
