@@ -64,9 +64,9 @@ class CheckpointDIAResnetsInside:
 class DIAResnetBlock2D(ResnetBlock2D):
     """A `ResnetBlock2D` whose residual branch is gated by the model's shared channel attention.
 
-    Never constructed directly: `DIAModelMixin.install_dia` (`dia_model.py`) swaps a built resnet's class and sets `dia_call` (the
-    model's `DIACall`), `dia_site` (its position in execution order) and `dia_checkpoint` (the checkpoint function,
-    None when gradient checkpointing is off).
+    Never constructed directly: `DIAModelMixin.install_dia` (`dia_model.py`) swaps a built resnet's class and sets
+    `dia_call` (the model's `DIACall`), `dia_site` (its position in execution order) and `dia_checkpoint` (the
+    checkpoint function, None when gradient checkpointing is off).
     """
 
     dia_call: DIACall
