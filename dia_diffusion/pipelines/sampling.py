@@ -300,7 +300,6 @@ def write_samples(
 ) -> None:
     """`sample_to_folder`'s work, once the checks have passed and the folder is locked."""
     pipeline = load_pipeline(model, scheduler, dtype).to(state.device)
-    classes.check(pipeline)
     with staged_output(output, state) as staging:
         with (
             state.split_between_processes(list(range(num_images))) as indices,
