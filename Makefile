@@ -6,7 +6,7 @@ MUTATION_INSTALLED := $(VENV)/.mutation-installed
 # What `make mutation` mutates (mutmut's mutant names): the DIA modules and the training step's parts.
 MUTATION_TARGETS := "dia_diffusion.models.dia_cell.*" "dia_diffusion.models.channel_attention.*" \
 	"dia_diffusion.models.dia_resnet.*" "dia_diffusion.models.dia_model.*" "dia_diffusion.models.unet_2d_dia.*" \
-	"dia_diffusion.training.step.x_diffusion_loss*" "dia_diffusion.training.step.x_random_horizontal_flip*" \
+	"dia_diffusion.training.step.x_diffusion_loss*" "dia_diffusion.training.tasks.x_random_horizontal_flip*" \
 	"dia_diffusion.training.step.x_training_step*"
 
 .PHONY: install test demo lint format mutation

@@ -127,6 +127,10 @@ BAD_INPUTS = {
         "cut.jpg' is corrupt",
     ),
     "unknown preset": (lambda tmp: ["--preset", "cifar100-ddpm"], "unknown --preset 'cifar100-ddpm'"),
+    "text-to-image preset": (
+        lambda tmp: ["--preset", "sd-finetune"],
+        "--preset sd-finetune fine-tunes a pretrained Stable Diffusion: use train/train_text_to_image.py",
+    ),
     "hub dataset offline": (lambda tmp: ["--dataset", "someone/some-images"], "cannot be loaded"),
     "image column not found": (
         lambda tmp: [

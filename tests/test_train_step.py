@@ -14,7 +14,8 @@ from tiny_training import watch_the_loss
 from dia_diffusion import DIAUNet2DModel
 from dia_diffusion.training.config import PREDICTION_TYPES, TrainingConfig
 from dia_diffusion.training.ema import ema_weights
-from dia_diffusion.training.step import diffusion_loss, random_horizontal_flip, training_step
+from dia_diffusion.training.step import diffusion_loss, training_step
+from dia_diffusion.training.tasks import random_horizontal_flip
 
 
 def test_sampling_under_the_ema_weights_restores_the_weights_the_mode_and_the_random_streams():
@@ -63,6 +64,59 @@ def test_the_loss_regresses_the_target_of_the_prediction_type(prediction_type):
     }[prediction_type]
     assert loss.dtype == torch.float32
     torch.testing.assert_close(loss, (prediction - target).square().mean().float(), rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("prediction_type", PREDICTION_TYPES)
+def test_min_snr_weights_each_image_by_the_clipped_signal_to_noise_ratio(prediction_type):
+    steps, gamma = 20, 5.0
+    scheduler = DDPMScheduler(num_train_timesteps=steps, prediction_type=prediction_type)
+    clean = torch.rand(64, 1, 2, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    prediction = torch.randn(clean.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    seen = {}
+
+    def unet(noisy, timesteps):
+        seen.update(noisy=noisy, timesteps=timesteps)
+        return SimpleNamespace(sample=prediction)
+
+    torch.manual_seed(0)
+    weighted = diffusion_loss(unet, scheduler, clean, snr_gamma=gamma)
+    # By hand: SNR(t) = ᾱ_t / (1 - ᾱ_t); Min-SNR-γ (Hang et al. 2023) weights the ε loss by min(SNR, γ) / SNR, the v
+    # loss by min(SNR, γ) / (SNR + 1) and the x_0 loss by min(SNR, γ).
+    signal = scheduler.alphas_cumprod.double()[seen["timesteps"]]
+    snr = signal / (1 - signal)
+    weight = {
+        "epsilon": snr.clamp(max=gamma) / snr,
+        "v_prediction": snr.clamp(max=gamma) / (snr + 1),
+        "sample": snr.clamp(max=gamma),
+    }[prediction_type]
+    signal = signal.view(-1, 1, 1, 1)
+    noise = (seen["noisy"] - signal.sqrt() * clean) / (1 - signal).sqrt()
+    target = {
+        "epsilon": noise,
+        "sample": clean,
+        "v_prediction": signal.sqrt() * noise - (1 - signal).sqrt() * clean,
+    }[prediction_type]
+    per_image = (prediction - target).square().mean(dim=(1, 2, 3))
+    assert (weight != 1).any()
+    torch.testing.assert_close(weighted, (weight * per_image).mean().float(), rtol=1e-5, atol=0)
+
+
+def test_the_noise_offset_shifts_each_channel_of_each_image_by_its_own_constant():
+    scheduler = DDPMScheduler(num_train_timesteps=10)
+    clean = torch.zeros(256, 3, 4, 4)
+    seen = {}
+
+    def unet(noisy, timesteps):
+        seen.update(noisy=noisy, timesteps=timesteps)
+        return SimpleNamespace(sample=torch.zeros_like(noisy))
+
+    torch.manual_seed(0)
+    diffusion_loss(unet, scheduler, clean, noise_offset=0.5)
+    torch.manual_seed(0)
+    noise = torch.randn_like(clean)
+    offset = 0.5 * torch.randn(256, 3, 1, 1)  # drawn after the noise, from the same stream
+    scale = (1 - scheduler.alphas_cumprod[seen["timesteps"]]).sqrt().view(-1, 1, 1, 1)
+    torch.testing.assert_close(seen["noisy"], scale * (noise + offset))
 
 
 def test_random_flip_mirrors_about_half_the_images_left_to_right():

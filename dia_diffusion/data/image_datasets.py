@@ -2,7 +2,8 @@
 
 A spec is one string: `digits`, `fashion_mnist`, `cifar10`, a `cifar-10-python.tar.gz` path, a local image
 folder, a `save_to_disk` folder or a hub dataset name. Every spec ends as a `datasets.Dataset` with an "image"
-column (and "label" where the source has labels), so training and metrics read all of them the same way.
+column (and "label" where the source has labels), so training and metrics read all of them the same way. Asked for a
+caption column, it also keeps that column, as "text" (an image folder's `metadata.jsonl` gives one).
 """
 
 from __future__ import annotations
@@ -65,30 +66,39 @@ class DatasetSpecError(ValueError):
     """A dataset spec that cannot be loaded; its message is one clear line meant for the user (no traceback)."""
 
 
-def load_image_dataset(spec: str, split: str = "train", image_column: str | None = None) -> datasets.Dataset:
-    """Returns a datasets.Dataset with an "image" column of PIL images (and "label" ints when the source has labels)."""
+def load_image_dataset(
+    spec: str, split: str = "train", image_column: str | None = None, caption_column: str | None = None
+) -> datasets.Dataset:
+    """Returns a datasets.Dataset with an "image" column of PIL images (and "label" ints when the source has labels;
+    and "text", the captions of `caption_column`, when that is given)."""
+    if spec in ("digits", "fashion_mnist") and caption_column is not None:
+        raise DatasetSpecError(f"dataset '{spec}' has no captions (columns: image, label)")
     if spec == "digits":
         return _load_digits(split)
     if spec == "fashion_mnist":
         return _load_fashion_mnist(split)
     if spec == "cifar10":
         hint = "or pass the path of a local cifar-10-python.tar.gz"
-        return _load_hub(CIFAR10_HUB_NAME, split, image_column or CIFAR10_HUB_IMAGE_COLUMN, hint)
+        return _load_hub(
+            CIFAR10_HUB_NAME, split, image_column or CIFAR10_HUB_IMAGE_COLUMN, hint, caption_column
+        )
 
     path = Path(spec).expanduser()
     if path.is_file() and path.name.endswith((".tar.gz", ".tgz")):
+        if caption_column is not None:
+            raise DatasetSpecError(f"dataset '{spec}' has no captions (columns: image, label)")
         return _load_cifar10_archive(path, split)
     if path.is_dir():
         if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
-            return _load_saved_dataset(path, split, image_column)
-        return _load_image_folder(path, split, image_column)
+            return _load_saved_dataset(path, split, image_column, caption_column)
+        return _load_image_folder(path, split, image_column, caption_column)
     if path.exists():
         raise DatasetSpecError(
             f"dataset spec '{spec}' is a file, but only a cifar-10-python.tar.gz is accepted"
         )
     if _looks_like_path(spec):
         raise DatasetSpecError(f"dataset path '{spec}' does not exist")
-    return _load_hub(spec, split, image_column, hint=f"and there is no local path '{spec}'")
+    return _load_hub(spec, split, image_column, f"and there is no local path '{spec}'", caption_column)
 
 
 def image_transform(
@@ -250,7 +260,9 @@ def _load_cifar10_archive(path: Path, split: str) -> datasets.Dataset:
     return _dataset_from_arrays(np.ascontiguousarray(pixels), labels, CIFAR10_CLASSES)
 
 
-def _load_saved_dataset(path: Path, split: str, image_column: str | None) -> datasets.Dataset:
+def _load_saved_dataset(
+    path: Path, split: str, image_column: str | None, caption_column: str | None
+) -> datasets.Dataset:
     loaded = datasets.load_from_disk(str(path))
     if isinstance(loaded, datasets.DatasetDict):
         _check_split(str(path), split, list(loaded))
@@ -258,10 +270,12 @@ def _load_saved_dataset(path: Path, split: str, image_column: str | None) -> dat
     else:
         # A saved single Dataset carries no split name; it serves as the "train" split.
         _check_split(str(path), split, ("train",))
-    return _with_image_column(loaded, str(path), image_column)
+    return _with_image_column(loaded, str(path), image_column, caption_column)
 
 
-def _load_image_folder(path: Path, split: str, image_column: str | None) -> datasets.Dataset:
+def _load_image_folder(
+    path: Path, split: str, image_column: str | None, caption_column: str | None
+) -> datasets.Dataset:
     image_files = sorted(file for file in path.rglob("*") if file.suffix.lower() in _IMAGE_EXTENSIONS)
     if not image_files:
         raise DatasetSpecError(f"image folder '{path}' contains no image files")
@@ -269,9 +283,14 @@ def _load_image_folder(path: Path, split: str, image_column: str | None) -> data
     # batch mid-run (PIL's `verify` reads only the structure: a truncated JPEG passes it).
     for file in image_files:
         open_image_file(file, reduced=True)
-    loaded = datasets.load_dataset("imagefolder", data_dir=str(path))
+    try:
+        loaded = datasets.load_dataset("imagefolder", data_dir=str(path))
+    except ValueError as error:  # pyarrow's ArrowInvalid: a metadata file it cannot parse
+        raise DatasetSpecError(
+            f"image folder '{path}': its metadata cannot be read: {first_line(error)}"
+        ) from None
     _check_split(str(path), split, list(loaded))
-    return _with_image_column(loaded[split], str(path), image_column)
+    return _with_image_column(loaded[split], str(path), image_column, caption_column)
 
 
 def open_image_file(file: Path, reduced: bool = False) -> PIL.Image.Image:
@@ -291,7 +310,9 @@ def open_image_file(file: Path, reduced: bool = False) -> PIL.Image.Image:
         raise DatasetSpecError(f"image file '{file}' is corrupt or unreadable: {first_line(error)}") from None
 
 
-def _load_hub(name: str, split: str, image_column: str | None, hint: str) -> datasets.Dataset:
+def _load_hub(
+    name: str, split: str, image_column: str | None, hint: str, caption_column: str | None = None
+) -> datasets.Dataset:
     unavailable = _hub_unavailable_reason()
     # With `datasets` itself in offline mode, load_dataset answers at once, from the cache when it can.
     if unavailable and not datasets.config.HF_HUB_OFFLINE:
@@ -309,7 +330,7 @@ def _load_hub(name: str, split: str, image_column: str | None, hint: str) -> dat
         if "split" not in str(error).lower():
             raise
         raise DatasetSpecError(f"hub dataset '{name}' has no split '{split}': {first_line(error)}") from None
-    return _with_image_column(loaded, name, image_column)
+    return _with_image_column(loaded, name, image_column, caption_column)
 
 
 def _hub_unavailable_reason() -> str | None:
@@ -332,9 +353,14 @@ def _env_true(name: str) -> bool:
     return os.environ.get(name, "").upper() in _TRUE_VALUES
 
 
-def _with_image_column(dataset: datasets.Dataset, spec: str, image_column: str | None) -> datasets.Dataset:
-    """Renames the source's image column to "image" and keeps only it and an integer "label"."""
+def _with_image_column(
+    dataset: datasets.Dataset, spec: str, image_column: str | None, caption_column: str | None = None
+) -> datasets.Dataset:
+    """Renames the source's image column to "image" and keeps only it and an integer "label", or, given a
+    `caption_column`, it and the captions, as "text"."""
     columns = dataset.column_names
+    if caption_column is not None:
+        dataset = _with_captions(dataset, spec, caption_column)
     if image_column is None:
         image_columns = [
             name for name, feature in dataset.features.items() if isinstance(feature, datasets.Image)
@@ -358,8 +384,29 @@ def _with_image_column(dataset: datasets.Dataset, spec: str, image_column: str |
         isinstance(label, datasets.Value) and label.dtype.startswith(("int", "uint"))
     )
     keep = {image_column} | ({"label"} if has_int_label and image_column != "label" else set())
+    if caption_column is not None:
+        keep = {image_column, "text"}
     dataset = dataset.remove_columns([name for name in columns if name not in keep])
     return dataset if image_column == "image" else dataset.rename_column(image_column, "image")
+
+
+def _with_captions(dataset: datasets.Dataset, spec: str, caption_column: str) -> datasets.Dataset:
+    """The captions, renamed "text": a string per image, or a list of strings (one is drawn per use)."""
+    columns = dataset.column_names
+    if caption_column not in columns:
+        raise DatasetSpecError(
+            f"dataset '{spec}' has no caption column '{caption_column}' (columns: {', '.join(columns)}); pass "
+            "--caption_column"
+        )
+    feature = dataset.features[caption_column]
+    inner = getattr(feature, "feature", feature)  # a list of captions
+    if not (isinstance(inner, datasets.Value) and inner.dtype in ("string", "large_string")):
+        raise DatasetSpecError(f"column '{caption_column}' of dataset '{spec}' holds {feature}, not captions")
+    if caption_column == "text":
+        return dataset
+    return dataset.remove_columns([name for name in ["text"] if name in columns]).rename_column(
+        caption_column, "text"
+    )
 
 
 def _looks_like_path(spec: str) -> bool:

@@ -57,6 +57,17 @@ CLASS_CONDITIONAL_PIPELINE = CardTask(
         "images = pipeline(class_labels=[0, 1, 2, 3], guidance_scale=1.0, num_inference_steps=250).images",
     ),
 )
+TEXT_TO_IMAGE_PIPELINE = CardTask(
+    tag="text-to-image",
+    what="a Stable Diffusion pipeline (`StableDiffusionPipeline`) whose UNet was fine-tuned by dia_diffusion",
+    usage=(
+        "import dia_diffusion  # registers the DIA UNet classes, so diffusers can load the folder",
+        "from diffusers import StableDiffusionPipeline",
+        "",
+        'pipeline = StableDiffusionPipeline.from_pretrained("{source}")',
+        'image = pipeline("a photograph of an astronaut riding a horse", num_inference_steps=30).images[0]',
+    ),
+)
 UNCONDITIONAL_UNET = CardTask(
     tag="unconditional-image-generation",
     what="a UNet for unconditional image diffusion",

@@ -1,8 +1,9 @@
 """The training config: a named preset plus the flags given, resolved into one checked `TrainingConfig`.
 
-`resolve_config` is what `train/train_ddpm.py` calls: the preset's settings, every flag that was given, the layout
-of an `--init_unet` checkpoint where there is one, then `validate_config`, which names the first flag whose value
-cannot work. `run_record` is what a run writes to its folder as `training_config.json`.
+`resolve_config` is what `train/train_ddpm.py` and `train/train_text_to_image.py` call: the preset's settings, every
+flag that was given, what an `--init_unet` checkpoint or a `--pretrained_model` pipeline decides, then
+`validate_config`, which names the first flag whose value cannot work. `run_record` is what a run writes to its folder
+as `training_config.json`.
 """
 
 import dataclasses
@@ -13,7 +14,8 @@ from typing import Any
 from diffusers.optimization import SchedulerType
 
 from dia_diffusion.training.initial_weights import initial_unet_settings
-from dia_diffusion.training.presets import PRESETS, UNET_VARIANTS, unet_arguments
+from dia_diffusion.training.presets import PRESETS, TEXT_TO_IMAGE_PRESETS, UNET_VARIANTS, unet_arguments
+from dia_diffusion.training.pretrained_pipeline import pretrained_pipeline_settings
 
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
 MIXED_PRECISION_MODES = ("no", "fp16", "bf16")
@@ -33,12 +35,12 @@ class TrainingConfigError(ValueError):
 
 @dataclass(frozen=True)
 class TrainingConfig:
-    """Everything a run depends on. Field names are the flags of train/train_ddpm.py."""
+    """Everything a run depends on. Field names are the flags of train/train_ddpm.py and train_text_to_image.py."""
 
     output_dir: str
     preset: str = "demo"
     # data
-    dataset: str = "digits"
+    dataset: str | None = "digits"
     image_column: str | None = None
     resolution: int = 8
     channels: int = 1
@@ -49,6 +51,17 @@ class TrainingConfig:
     class_conditional: bool = False
     class_dropout: float = 0.1
     guidance_scale: float = 1.0
+    # text-to-image fine-tuning (see text_to_image_task.py): the pipeline whose UNet is trained and whose VAE, text
+    # encoder and noise schedule are used frozen (resolve_config fills in the sha256 of their weights); captions are
+    # dropped to "" with probability caption_dropout; random crops unless center_crop; validation_prompts default to
+    # the first captions of the dataset
+    pretrained_model: str | None = None
+    pretrained_model_sha256: str | None = None
+    caption_column: str = "text"
+    caption_dropout: float = 0.0
+    center_crop: bool = True
+    cache_latents: bool = False
+    validation_prompts: tuple[str, ...] = ()
     # model: UNet2DModel arguments except sample_size / in_channels / out_channels, which follow the data
     unet: str = "dia"
     unet_config: dict[str, Any] = field(default_factory=dict)
@@ -68,6 +81,10 @@ class TrainingConfig:
     beta_schedule: str = "linear"
     variance_type: str = "fixed_small"
     prediction_type: str = "epsilon"
+    # Min-SNR-gamma loss weighting (Hang et al. 2023; None: DDPM's uniform weights) and the noise offset that lets a
+    # model learn very dark and very bright images (Guttenberg 2023; 0: none)
+    snr_gamma: float | None = None
+    noise_offset: float = 0.0
     # optimisation (train_batch_size is per process)
     max_train_steps: int = 1000
     train_batch_size: int = 64
@@ -112,8 +129,24 @@ class TrainingConfig:
             "dia_global_cell": self.dia_global_cell,
         }
 
+    @property
+    def text_to_image(self) -> bool:
+        return self.pretrained_model is not None
+
 
 CLASS_CONDITIONAL_FIELDS = ("class_conditional", "class_dropout", "guidance_scale")
+TEXT_TO_IMAGE_FIELDS = (
+    "pretrained_model",
+    "pretrained_model_sha256",
+    "caption_column",
+    "caption_dropout",
+    "center_crop",
+    "cache_latents",
+    "validation_prompts",
+)
+# Settings newer than the first run records: recorded only where they differ from their default, so that those runs
+# still resume.
+LATER_FIELDS = ("snr_gamma", "noise_offset")
 
 # Settings that may change between invocations of one run without making it a different run. A changed learning
 # rate is recorded in `learning_rate_changes` with the step it applies from.
@@ -133,6 +166,7 @@ RUN_NEUTRAL_FIELDS = (
     "logger",  # what run records written before --report_to called the tracker setting
     "sample_every",
     "guidance_scale",
+    "validation_prompts",
     "num_sample_images",
     "sample_inference_steps",
     "eval_every",
@@ -147,16 +181,30 @@ RUN_NEUTRAL_FIELDS = (
 
 def resolve_config(preset: str, overrides: dict[str, Any]) -> TrainingConfig:
     """The preset's settings, then every override that is not None."""
-    if preset not in PRESETS:
-        raise TrainingConfigError(f"unknown --preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    presets = {**PRESETS, **TEXT_TO_IMAGE_PRESETS}
+    if preset not in presets:
+        raise TrainingConfigError(f"unknown --preset {preset!r}; choose one of {', '.join(presets)}")
     known = {item.name for item in fields(TrainingConfig)}
     unknown = sorted(set(overrides) - known)
     if unknown:
         raise TrainingConfigError(f"unknown setting(s) {', '.join(unknown)}")
     given = {key: value for key, value in overrides.items() if value is not None}
-    config = TrainingConfig(**{**PRESETS[preset].settings, **given, "preset": preset})
+    if "validation_prompts" in given:
+        given["validation_prompts"] = tuple(given["validation_prompts"])
+    config = TrainingConfig(**{**presets[preset].settings, **given, "preset": preset})
+    if (preset in TEXT_TO_IMAGE_PRESETS) != config.text_to_image:
+        raise TrainingConfigError(
+            f"--preset {preset} fine-tunes a pretrained Stable Diffusion: use train/train_text_to_image.py "
+            "--pretrained_model"
+            if preset in TEXT_TO_IMAGE_PRESETS
+            else f"--pretrained_model needs a text-to-image preset ({', '.join(TEXT_TO_IMAGE_PRESETS)})"
+        )
     if config.init_unet is not None:
         config = dataclasses.replace(config, **initial_unet_settings(config.init_unet, config.unet, given))
+    if config.text_to_image:
+        config = dataclasses.replace(
+            config, **pretrained_pipeline_settings(config.pretrained_model, config.unet, given)
+        )
     validate_config(config)
     return config
 
@@ -207,8 +255,15 @@ def validate_config(config: TrainingConfig) -> None:
     for name in not_negative:
         if getattr(config, name) < 0:
             raise TrainingConfigError(f"--{name} must not be negative, got {getattr(config, name)!r}")
-    if not 0.0 <= config.class_dropout < 1.0:
-        raise TrainingConfigError(f"--class_dropout must lie in [0, 1), got {config.class_dropout!r}")
+    for name in ("class_dropout", "caption_dropout"):
+        if not 0.0 <= getattr(config, name) < 1.0:
+            raise TrainingConfigError(f"--{name} must lie in [0, 1), got {getattr(config, name)!r}")
+    if config.snr_gamma is not None and not config.snr_gamma > 0:
+        raise TrainingConfigError(f"--snr_gamma must be positive, got {config.snr_gamma!r}")
+    if config.noise_offset < 0:
+        raise TrainingConfigError(f"--noise_offset must not be negative, got {config.noise_offset!r}")
+    if config.text_to_image:
+        validate_text_to_image(config)
     if config.guidance_scale < 0:
         raise TrainingConfigError(f"--guidance_scale must not be negative, got {config.guidance_scale!r}")
     if not 0.0 < config.ema_decay < 1.0:
@@ -240,14 +295,40 @@ def validate_config(config: TrainingConfig) -> None:
         )
 
 
+def validate_text_to_image(config: TrainingConfig) -> None:
+    if config.dataset is None:
+        raise TrainingConfigError(
+            "--dataset is required: an image folder with metadata.jsonl (file_name, text) or a hub dataset"
+        )
+    if config.class_conditional:
+        raise TrainingConfigError("--class_conditional does not apply to text-to-image fine-tuning")
+    if config.init_unet is not None:
+        raise TrainingConfigError(
+            "--init_unet does not apply here: --pretrained_model names the model to start from"
+        )
+    if config.eval_every:
+        raise TrainingConfigError("--eval_every: text-to-image runs have no in-training evaluation")
+    if config.cache_latents and (config.random_flip or not config.center_crop):
+        flag = "--random_flip" if config.random_flip else "random crops (pass --center_crop)"
+        raise TrainingConfigError(
+            f"--cache_latents encodes every image once, so it cannot take {flag}: each epoch would need new latents"
+        )
+
+
 def run_record(config: TrainingConfig, num_processes: int) -> dict[str, Any]:
     """What `training_config.json` holds: the resolved config, the process count the data order depends on, and
     the learning rates the optimizer used: `{"step": s, "learning_rate": lr}` means lr from step s + 1 on (a resumed
     run takes the history from its checkpoint, see `resume`)."""
     learning_rate_changes = [{"step": 0, "learning_rate": config.learning_rate}]
     settings = asdict(config)
-    if not config.class_conditional:
-        # An unconditional run records none of them, as runs recorded before they existed did: those still resume.
-        for name in CLASS_CONDITIONAL_FIELDS:
-            del settings[name]
+    # A run without them records none of them, as runs recorded before they existed did: those still resume.
+    unused = (() if config.class_conditional else CLASS_CONDITIONAL_FIELDS) + (
+        () if config.text_to_image else TEXT_TO_IMAGE_FIELDS
+    )
+    if config.text_to_image and not config.class_conditional:
+        unused = tuple(name for name in unused if name != "guidance_scale")  # the validation prompts' scale
+    defaults = TrainingConfig(output_dir="")
+    unused += tuple(name for name in LATER_FIELDS if getattr(config, name) == getattr(defaults, name))
+    for name in unused:
+        del settings[name]
     return {**settings, "num_processes": num_processes, "learning_rate_changes": learning_rate_changes}

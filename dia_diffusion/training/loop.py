@@ -1,12 +1,14 @@
-"""One DDPM training run: a resolved `TrainingConfig` in, a diffusers `DDPMPipeline` folder out.
+"""One training run of a diffusion model, for every task: a resolved `TrainingConfig` in, a diffusers pipeline folder
+out (a `DDPMPipeline`, a `ClassConditionalPipeline`, or a fine-tuned `StableDiffusionPipeline`; see tasks.py).
 
-`training_config.resolve_config` turns a preset plus flags into the config; `train` runs it under accelerate:
+`config.resolve_config` turns a preset plus flags into the config; `train` runs it under accelerate:
 1. accelerator  2. inputs checked (nothing is written before they pass)  3. model, EMA, optimizer, data
 4. resume  5. the loop  6. the final EMA pipeline.
 
-Exactness on resume rests on three choices: the data order is a pure function of (seed, epoch); every random draw
-of the loop (flips, noise, timesteps, dropout) comes from the global RNGs that accelerate checkpoints per process;
-and sampling/evaluation run inside `torch.random.fork_rng`, so they never shift those streams.
+Exactness on resume rests on three choices: the data order (and a text-to-image item's crop) is a pure function of
+(seed, epoch); every random draw of the loop (flips, latent samples, noise, timesteps, dropout) comes from the global
+RNGs that accelerate checkpoints per process; and sampling/evaluation run inside `torch.random.fork_rng`, so they
+never shift those streams.
 """
 
 import sys
@@ -16,15 +18,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import datasets
 import torch
 from accelerate import Accelerator
 from accelerate.scheduler import AcceleratedScheduler
 from accelerate.utils import GradientAccumulationPlugin, ProjectConfiguration, set_seed
-from diffusers import DDPMScheduler, DiffusionPipeline, UNet2DModel
+from diffusers import UNet2DModel
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
+from dia_diffusion.data.class_labels import class_names
 from dia_diffusion.data.image_datasets import load_image_dataset
 from dia_diffusion.evaluation.feature_extractors import MissingWeightsError
 from dia_diffusion.evaluation.pipeline_evaluator import PipelineEvaluator
@@ -46,7 +50,6 @@ from dia_diffusion.training.checkpointing import (
 from dia_diffusion.training.config import RUN_NEUTRAL_FIELDS, TrainingConfig, TrainingConfigError, run_record
 from dia_diffusion.training.data_order import make_dataloader
 from dia_diffusion.training.ema import ema_weights, make_ema
-from dia_diffusion.training.initial_weights import load_initial_unet
 from dia_diffusion.training.metrics_log import (
     METRICS_FILENAME,
     TRACKERS,
@@ -55,13 +58,15 @@ from dia_diffusion.training.metrics_log import (
     tracker_hyperparameters,
     tracker_init_kwargs,
 )
-from dia_diffusion.training.presets import build_unet
+from dia_diffusion.training.pretrained_pipeline import load_pretrained_pipeline
 from dia_diffusion.training.publishing import pipeline_saver
 from dia_diffusion.training.sample_grid import write_sample_grid
 from dia_diffusion.training.step import check_finite, training_step
-from dia_diffusion.training.tasks import UnconditionalTask, make_task
+from dia_diffusion.training.tasks import ClassConditionalTask, UnconditionalTask
+from dia_diffusion.training.text_to_image_task import TextToImageTask
 
-TRACKER_PROJECT = "train_ddpm"
+# The trackers' project: the training script's name.
+TRACKER_PROJECTS = {False: "train_ddpm", True: "train_text_to_image"}
 SAMPLES_DIRNAME = "samples"
 
 
@@ -121,15 +126,9 @@ def train(config: TrainingConfig) -> TrainingResult:
     if resuming:
         check_resume_checkpoint(checkpoints_dir, config.resume_from_checkpoint, record, RUN_NEUTRAL_FIELDS)
     check_output_dir(output_dir, record, RUN_NEUTRAL_FIELDS, resuming)
-    dataset = load_image_dataset(config.dataset, "train", config.image_column)
-    images_per_step = config.train_batch_size * accelerator.num_processes
-    if len(dataset) < images_per_step:
-        raise TrainingConfigError(
-            f"--dataset {config.dataset!r} has {len(dataset)} images, fewer than one batch of {images_per_step} "
-            f"(--train_batch_size {config.train_batch_size} x {accelerator.num_processes} processes)"
-        )
-    task = make_task(config, dataset)
-    unet = initial_unet(config, task)
+    dataset = training_dataset(config, accelerator.num_processes)
+    task = make_task(config, dataset, accelerator)
+    unet = task.initial_unet()
     evaluator = make_evaluator(config, accelerator) if config.eval_every else None
     accelerator.wait_for_everyone()
 
@@ -143,13 +142,8 @@ def train(config: TrainingConfig) -> TrainingResult:
         num_warmup_steps=config.lr_warmup_steps,
         num_training_steps=config.max_train_steps,
     )
-    noise_scheduler = DDPMScheduler(
-        num_train_timesteps=config.num_train_timesteps,
-        beta_schedule=config.beta_schedule,
-        variance_type=config.variance_type,
-        prediction_type=config.prediction_type,
-    )
-    train_dataloader = make_dataloader(task.training_items(dataset, config), config)
+    noise_scheduler = task.noise_scheduler()
+    train_dataloader = make_dataloader(task.training_items(dataset), config)
     unet, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(
         unet, optimizer, train_dataloader, lr_scheduler
     )
@@ -183,7 +177,7 @@ def train(config: TrainingConfig) -> TrainingResult:
                 metrics = MetricsLog(output_dir / METRICS_FILENAME, keep_until_step=global_step)
             if config.report_to != "none":
                 accelerator.init_trackers(
-                    TRACKER_PROJECT,
+                    TRACKER_PROJECTS[config.text_to_image],
                     config=tracker_hyperparameters(config),
                     init_kwargs=tracker_init_kwargs(config),
                 )
@@ -195,8 +189,9 @@ def train(config: TrainingConfig) -> TrainingResult:
             desc="steps",
             disable=not accelerator.is_main_process,
         )
-        sampling_scheduler = DDPMScheduler.from_config(noise_scheduler.config)
-        log_window = LogWindow(images_per_step * config.gradient_accumulation_steps)
+        log_window = LogWindow(
+            config.train_batch_size * accelerator.num_processes * config.gradient_accumulation_steps
+        )
         log_window.restore(open_window)
         keep_checkpoints = config.checkpoints_total_limit or None
         epoch, batches_to_skip = divmod(
@@ -230,17 +225,10 @@ def train(config: TrainingConfig) -> TrainingResult:
                     row = log_window.close(learning_rate)
                     progress.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{learning_rate:.2e}")
                 if (config.sample_every and global_step % config.sample_every == 0) or is_last:
-                    with ema_weights(ema, unet, accelerator.device):
-                        if accelerator.is_main_process:
-                            pipeline = make_pipeline(task, accelerator.unwrap_model(unet), sampling_scheduler)
-                            grid_path = output_dir / SAMPLES_DIRNAME / f"step-{global_step:07d}.png"
-                            write_sample_grid(task, pipeline, config, grid_path)
-                    accelerator.wait_for_everyone()
+                    write_samples(accelerator, task, unet, ema, global_step)
                 if evaluator is not None and (global_step % config.eval_every == 0 or is_last):
                     with ema_weights(ema, unet, accelerator.device):
-                        row.update(
-                            evaluator(make_pipeline(task, accelerator.unwrap_model(unet), sampling_scheduler))
-                        )
+                        row.update(evaluator(task.pipeline(accelerator.unwrap_model(unet))))
                 if row:
                     accelerator.log(row, step=global_step)
                     if metrics is not None:
@@ -259,7 +247,7 @@ def train(config: TrainingConfig) -> TrainingResult:
         # 6. The final pipeline, with the EMA weights.
         with ema_weights(ema, unet, accelerator.device):
             if accelerator.is_main_process:
-                pipeline = make_pipeline(task, accelerator.unwrap_model(unet), sampling_scheduler)
+                pipeline = task.published_pipeline(accelerator.unwrap_model(unet))
                 publish_pipeline(pipeline_saver(pipeline, config, global_step), output_dir)
         accelerator.wait_for_everyone()
     finally:
@@ -271,6 +259,18 @@ def train(config: TrainingConfig) -> TrainingResult:
         if folder_lock is not None:
             folder_lock.release()
     return TrainingResult(global_step=global_step, unet=accelerator.unwrap_model(unet), ema=ema)
+
+
+def write_samples(
+    accelerator: Accelerator, task: UnconditionalTask, unet: torch.nn.Module, ema: EMAModel, step: int
+) -> None:
+    """The sample grid of `step`, from the EMA weights (see tasks.py for what each task shows)."""
+    with ema_weights(ema, unet, accelerator.device):
+        if accelerator.is_main_process:
+            pipeline = task.pipeline(accelerator.unwrap_model(unet))
+            grid_path = Path(task.config.output_dir) / SAMPLES_DIRNAME / f"step-{step:07d}.png"
+            write_sample_grid(task, pipeline, task.config, grid_path)
+    accelerator.wait_for_everyone()
 
 
 def run_summary(config: TrainingConfig, num_processes: int, num_images: int, unet: torch.nn.Module) -> str:
@@ -351,38 +351,37 @@ def warn(accelerator: Accelerator, message: str) -> None:
         print(f"warning: {message}", file=sys.stderr)
 
 
-def initial_unet(config: TrainingConfig, task: UnconditionalTask) -> UNet2DModel:
-    """The model the run starts from: a fresh one of the preset's layout (with what `task` adds to it, the class
-    embeddings of a class-conditional task), or the saved UNet of `--init_unet`, which must have the task's layout."""
-    if config.init_unet is not None:
-        unet = load_initial_unet(config.init_unet, config.unet, config.dia_options())
-        for name, value in task.unet_arguments().items():
-            if unet.config.get(name) != value:
-                raise TrainingConfigError(
-                    f"--init_unet '{config.init_unet}' has {name}={unet.config.get(name)!r}; this "
-                    f"{task.name} run needs {value!r}"
-                )
-        return unet
-    try:
-        return build_unet(
-            config.unet, {**config.unet_arguments(), **task.unet_arguments()}, config.dia_options()
-        )
-    except ValueError as error:
+def training_dataset(config: TrainingConfig, num_processes: int) -> datasets.Dataset:
+    """The training split, with the captions of a text-to-image run; at least one batch of it."""
+    caption_column = config.caption_column if config.text_to_image else None
+    dataset = load_image_dataset(config.dataset, "train", config.image_column, caption_column)
+    images_per_step = config.train_batch_size * num_processes
+    if len(dataset) < images_per_step:
         raise TrainingConfigError(
-            f"the UNet of --preset {config.preset} with these flags cannot be built: {error}"
-        ) from None
+            f"--dataset {config.dataset!r} has {len(dataset)} images, fewer than one batch of {images_per_step} "
+            f"(--train_batch_size {config.train_batch_size} x {num_processes} processes)"
+        )
+    return dataset
+
+
+def make_task(
+    config: TrainingConfig, dataset: datasets.Dataset, accelerator: Accelerator
+) -> UnconditionalTask:
+    """The run's task (see tasks.py), with what it runs itself on the training device."""
+    if config.text_to_image:
+        task = TextToImageTask(config, load_pretrained_pipeline(config.pretrained_model), dataset)
+    elif config.class_conditional:
+        task = ClassConditionalTask(config, class_names(dataset, config.dataset))
+    else:
+        task = UnconditionalTask(config)
+    task.place(accelerator)
+    return task
 
 
 def make_optimizer(unet: UNet2DModel, config: TrainingConfig) -> torch.optim.Optimizer:
     return torch.optim.AdamW(
         unet.parameters(), lr=config.learning_rate, weight_decay=config.adam_weight_decay, fused=True
     )
-
-
-def make_pipeline(task: UnconditionalTask, unet: UNet2DModel, scheduler: DDPMScheduler) -> DiffusionPipeline:
-    pipeline = task.pipeline(unet, scheduler)
-    pipeline.set_progress_bar_config(disable=True)
-    return pipeline
 
 
 def make_evaluator(config: TrainingConfig, accelerator: Accelerator) -> PipelineEvaluator:

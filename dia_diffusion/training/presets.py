@@ -2,7 +2,8 @@
 
 A preset is a complete recipe: data, UNet layout, diffusion schedule, optimisation, EMA, checkpoint, sampling and
 evaluation cadence. `train/train_ddpm.py --preset NAME` starts from it and every flag overrides one of its values;
-the result is written to the run folder as `training_config.json`.
+the result is written to the run folder as `training_config.json`. `TEXT_TO_IMAGE_PRESETS` are the recipes of
+`train/train_text_to_image.py`, whose model, VAE, text encoder and noise schedule come from `--pretrained_model`.
 """
 
 from dataclasses import dataclass
@@ -133,6 +134,42 @@ PRESETS: dict[str, Preset] = {
             "checkpoints_total_limit": 3,
             "sample_every": 20_000,
             "sample_inference_steps": 1000,
+            "eval_every": 0,
+        },
+    ),
+}
+
+
+TEXT_TO_IMAGE_PRESETS: dict[str, Preset] = {
+    "sd-finetune": Preset(
+        description="fine-tune a Stable Diffusion 1.x/2.x UNet on captioned images (the settings of diffusers' "
+        "text-to-image example, at batch 1 x 4 accumulation steps)",
+        settings={
+            "dataset": None,
+            "resolution": 512,
+            "channels": 3,
+            "random_flip": False,
+            "center_crop": False,
+            "unet": "dia",
+            "unet_config": {},
+            "max_train_steps": 15_000,
+            "train_batch_size": 1,
+            "gradient_accumulation_steps": 4,
+            "learning_rate": 1e-5,
+            "lr_scheduler": "constant",
+            "lr_warmup_steps": 0,
+            "adam_weight_decay": 1e-2,
+            "max_grad_norm": 1.0,
+            "ema_decay": 0.9999,
+            "ema_warmup": False,
+            # Stable Diffusion was trained with 10 % of captions dropped; keeping that keeps guidance working.
+            "caption_dropout": 0.1,
+            "guidance_scale": 7.5,
+            "checkpointing_steps": 500,
+            "checkpoints_total_limit": 3,
+            "sample_every": 500,
+            "num_sample_images": 4,
+            "sample_inference_steps": 30,
             "eval_every": 0,
         },
     ),

@@ -17,13 +17,15 @@ from dia_diffusion.data.image_datasets import CIFAR10_HUB_NAME, FASHION_MNIST_HU
 from dia_diffusion.evaluation.feature_extractors import ClassifierFeatures, Dinov2Features, InceptionFeatures
 from dia_diffusion.hub.model_card import (
     CLASS_CONDITIONAL_PIPELINE,
+    TEXT_TO_IMAGE_PIPELINE,
     UNCONDITIONAL_PIPELINE,
+    CardTask,
     pipeline_card_only,
     write_model_card,
 )
 from dia_diffusion.hub.upload import HubPushError, create_hub_repo, hub_repo_id, is_hub_name, upload_to_hub
 from dia_diffusion.models.model_facts import model_facts
-from dia_diffusion.training.config import CLASS_CONDITIONAL_FIELDS, TrainingConfig
+from dia_diffusion.training.config import CLASS_CONDITIONAL_FIELDS, TEXT_TO_IMAGE_FIELDS, TrainingConfig
 
 METRIC_NAMES = {
     extractor.metric_key: extractor.metric_name
@@ -58,7 +60,8 @@ CARD_SETTINGS = (
 DATASET_HUB_NAMES = {"fashion_mnist": FASHION_MNIST_HUB_NAME, "cifar10": CIFAR10_HUB_NAME}
 DATASET_DESCRIPTIONS = {"digits": "scikit-learn's 8×8 digits"}
 SAMPLES_DIRNAME = "samples"
-# What a push uploads besides the card and the sample grid it shows.
+# What a push uploads besides the card and the sample grid it shows: the pipeline's components (a Stable Diffusion
+# pipeline has more of them), never the checkpoints.
 PUSHED_FILES = [
     "model_index.json",
     "unet/*",
@@ -67,6 +70,7 @@ PUSHED_FILES = [
     "training_config.json",
     "metrics.jsonl",
 ]
+STABLE_DIFFUSION_FILES = ["vae/*", "text_encoder/*", "tokenizer/*", "safety_checker/*", "feature_extractor/*"]
 
 
 def sample_grid_name(step: int) -> str:
@@ -106,14 +110,18 @@ def run_card(
     output_dir = Path(config.output_dir)
     grid = sample_grid_name(step)
     hub_dataset = DATASET_HUB_NAMES.get(config.dataset, config.dataset)
-    task = CLASS_CONDITIONAL_PIPELINE if config.class_conditional else UNCONDITIONAL_PIPELINE
-    names = [*CARD_SETTINGS, *(CLASS_CONDITIONAL_FIELDS if config.class_conditional else ())]
+    task = card_task(config)
+    names = [
+        *CARD_SETTINGS,
+        *(CLASS_CONDITIONAL_FIELDS if config.class_conditional else ()),
+        *(TEXT_TO_IMAGE_FIELDS if config.text_to_image else ()),
+    ]
     settings = {"steps trained": step, **{name: getattr(config, name) for name in names}}
     facts = model_facts(
         unet,
         task,
         source,
-        base_model=config.init_unet,
+        base_model=config.init_unet or config.pretrained_model,
         datasets=(hub_dataset,) if is_hub_name(hub_dataset) else (),
         dataset_description=DATASET_DESCRIPTIONS.get(config.dataset, f"`{config.dataset}`"),
         training=settings,
@@ -121,6 +129,12 @@ def run_card(
         sample_grid=grid if (output_dir / grid).is_file() else None,
     )
     return write_model_card(folder, facts)
+
+
+def card_task(config: TrainingConfig) -> CardTask:
+    if config.text_to_image:
+        return TEXT_TO_IMAGE_PIPELINE
+    return CLASS_CONDITIONAL_PIPELINE if config.class_conditional else UNCONDITIONAL_PIPELINE
 
 
 def pipeline_saver(pipeline: DiffusionPipeline, config: TrainingConfig, step: int) -> Callable[[str], None]:
@@ -143,7 +157,10 @@ def push_run(config: TrainingConfig, unet: torch.nn.Module, step: int) -> str:
     try:
         grid = sample_grid_name(step)
         upload_to_hub(
-            output_dir, repo_id, [*PUSHED_FILES, grid], f"dia_diffusion: {step} steps of {config.preset}"
+            output_dir,
+            repo_id,
+            [*PUSHED_FILES, *(STABLE_DIFFUSION_FILES if config.text_to_image else ()), grid],
+            f"dia_diffusion: {step} steps of {config.preset}",
         )
     except HubPushError:
         run_card(output_dir, config, unet, step, config.output_dir)  # the local card names the local folder
