@@ -12,7 +12,16 @@
 #      command in bf16 with compile);
 #   3. benchmarks/cost.py on CUDA in bf16 with torch.compile and channels_last: stock vs default DIA, DDPM layout;
 #   4. benchmarks/trainer_throughput.py on the DDPM layout: train_ddpm.py (bf16, --compile) against diffusers'
-#      example at its best flags (bf16).
+#      example at its best flags (bf16);
+#   5. benchmarks/text_to_image_throughput.py: train_text_to_image.py fine-tunes a small SD-layout pipeline (its
+#      `medium` layout, 128x128 pixels, batch 32, bf16, eager) with the stock UNet and with DIA, runs of 20 and 200
+#      steps: time per step, fixed time and peak CUDA memory of both, and the bare step (VAE and text encoding, UNet
+#      forward, backward and AdamW) of each UNet, with its peak memory, in the benchmark's own process.
+# Time limits (s): wheels 20, tests 65, cost 100, trainers 180, text-to-image 115: 480 in all, the 8 minutes.
+# Estimated needs (not yet measured on a GPU): about 10, 60, 95, 175 and 105 s. The text-to-image stage took its
+# 115 s from the others: the wheels' limit went from 45 to 20 s (five wheels, no dependencies resolved), the tests'
+# from 100 to 65, the cost's from 135 to 100 (12 rounds after 2 warm-up ones, not 20 after 3) and the trainers'
+# from 195 to 180 (the long run 8 epochs, not 12).
 # OUT/device_check.json gathers every result and each stage's exit status and seconds; OUT/device_check.log holds
 # the output. The exit status is that of the first failed stage (0 when all passed).
 set -uo pipefail
@@ -83,7 +92,7 @@ run_stage() {
 }
 
 if [[ -n $wheels ]]; then
-    run_stage wheels 45 "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    run_stage wheels 20 "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
         --target "$scratch/site" "$wheels"/*.whl
     export PYTHONPATH=$PYTHONPATH:$scratch/site
 fi
@@ -91,17 +100,22 @@ fi
 if ((dry)); then
     cost_flags=(--quick --device cpu --rounds 2 --sampling_rounds 1 --ddim_steps 2 --warmup 0)
     throughput_flags=(--quick --resolution 8 --batch_size 2 --steps_per_epoch 2 --epochs 2 3 --repeats 1)
+    text_to_image_flags=(--layout small --resolution 16 --batch_size 2 --batches 2 --steps 2 4 --floor_steps 2)
     # Only a guard against a hang: a CPU shared with other jobs can be many times slower than a quiet one.
-    limits=(1800 1800 1800)
+    limits=(1800 1800 1800 1800)
 else
     # Sampling would compile each model a second time (eval mode): the train step is what the 8 minutes allow.
-    cost_flags=(--device cuda --dtype bfloat16 --compile --channels_last --batch_size 128 --rounds 20 --warmup 3
+    cost_flags=(--device cuda --dtype bfloat16 --compile --channels_last --batch_size 128 --rounds 12 --warmup 2
         --sampling_rounds 0)
     # One untimed run of ours first fills the compile cache, so that no timed run compiles from scratch.
-    throughput_flags=(--batch_size 128 --steps_per_epoch 8 --epochs 2 12 --repeats 1 --warmup 1
+    throughput_flags=(--batch_size 128 --steps_per_epoch 8 --epochs 2 8 --repeats 1 --warmup 1
         --mixed_precision bf16 --ours_args=--compile)
-    # With the wheels' 45 s the limits add up to 8 minutes (estimated needs: about 60, 110 and 185 s).
-    limits=(100 135 195)
+    # Eager, as a user starts: 200 extra steps resolve the time per step to a few percent; the bare steps measured
+    # in-process give the DIA/stock ratio of the UNet itself more precisely.
+    text_to_image_flags=(--layout medium --resolution 128 --batch_size 32 --batches 8 --steps 20 200
+        --floor_steps 20)
+    # With the wheels' 20 s the limits add up to 8 minutes (see the header).
+    limits=(65 100 180 115)
 fi
 
 run_stage gpu_tests "${limits[0]}" "$PYTHON" -m pytest -q -m gpu -p no:cacheprovider \
@@ -110,6 +124,9 @@ run_stage cost "${limits[1]}" "$PYTHON" "$REPOSITORY/benchmarks/cost.py" "${cost
     --variants stock dia_lstm/global --json_out "$out/cost.json"
 run_stage trainer_throughput "${limits[2]}" "$PYTHON" "$REPOSITORY/benchmarks/trainer_throughput.py" \
     --example "$example" "${throughput_flags[@]}" --work_dir "$scratch/throughput" --json_out "$out/throughput.json"
+run_stage text_to_image "${limits[3]}" "$PYTHON" "$REPOSITORY/benchmarks/text_to_image_throughput.py" --dia \
+    --mixed_precision bf16 --repeats 1 "${text_to_image_flags[@]}" --work_dir "$scratch/text-to-image" \
+    --json_out "$out/text_to_image.json"
 
 "$PYTHON" - "$out" "$stages" "$dry" <<'EOF'
 """Gathers the stages' results into OUT/device_check.json and exits with the first failed stage's status."""
@@ -140,6 +157,7 @@ if (out / "gpu-tests.xml").is_file():
     tests = {key: int(suite.get(key, 0)) for key in ("tests", "failures", "errors", "skipped")}
 cost = read_json("cost.json")
 throughput = read_json("throughput.json")
+text_to_image = read_json("text_to_image.json")
 summary = {
     "dry": dry,
     "machine": {
@@ -152,6 +170,7 @@ summary = {
     "cost_ratios": cost and cost["ratios"],
     "cost_results": cost and cost["results"],
     "trainer_throughput": throughput and {key: value for key, value in throughput.items() if key != "repeats"},
+    "text_to_image": text_to_image and {key: value for key, value in text_to_image.items() if key != "repeats"},
 }
 (out / "device_check.json").write_text(json.dumps(summary, indent=2) + "\n")
 print(json.dumps({name: stage["exit_status"] for name, stage in stages.items()}))

@@ -19,6 +19,7 @@ The example trains by epochs and keeps the last partial batch; the folder holds 
 trainers take the same steps. It also samples and saves its pipeline after its first epoch, so both lengths are at
 least two epochs: then every run of it does that twice, and the difference cancels it.
 The last line printed is one JSON object (`per_step_ratio` = the example's time per step / ours).
+text_to_image_throughput.py times the text-to-image pair with this module's functions.
 """
 
 import argparse
@@ -141,6 +142,17 @@ def split_time(short: dict, long: dict, short_steps: int, long_steps: int) -> di
     return split
 
 
+def offline_environment(cache: Path) -> dict[str, str]:
+    """What every trainer run gets: no hub, the prepared datasets cache, output as it comes."""
+    return {
+        **os.environ,
+        "HF_DATASETS_CACHE": str(cache),
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "PYTHONUNBUFFERED": "1",
+    }
+
+
 def measure(args, work: Path) -> list[dict]:
     images, config, logs = work / "images", work / "unet-config", work / "logs"
     layout = PRESETS[args.preset].settings["unet_config"]
@@ -149,44 +161,45 @@ def measure(args, work: Path) -> list[dict]:
     cache = work / "hf-datasets-cache"
     build_dataset_cache(images, cache)
     logs.mkdir(exist_ok=True)
-    environment = {
-        **os.environ,
-        "HF_DATASETS_CACHE": str(cache),
-        "HF_HUB_OFFLINE": "1",
-        "HF_DATASETS_OFFLINE": "1",
-        "PYTHONUNBUFFERED": "1",
-    }
+    environment = offline_environment(cache)
 
-    def run(trainer: str, epochs: int, log_name: str) -> dict[str, float]:
+    def run(trainer: str, steps: int, log_name: str) -> dict[str, float]:
         output_dir = work / f"run-{trainer}"
         shutil.rmtree(output_dir, ignore_errors=True)
         if trainer == "ours":
-            command = ours_command(args, images, output_dir, epochs * args.steps_per_epoch)
+            command = ours_command(args, images, output_dir, steps)
         else:
-            command = example_command(args, images, config, output_dir, epochs)
+            command = example_command(args, images, config, output_dir, steps // args.steps_per_epoch)
         result = timed_run(command, logs / f"{log_name}.log", environment)
         shutil.rmtree(output_dir, ignore_errors=True)
         return result
 
     for warmup in range(args.warmup):
-        run("ours", args.epochs[0], f"warmup{warmup}-ours")
+        run("ours", args.epochs[0] * args.steps_per_epoch, f"warmup{warmup}-ours")
     lengths = [epochs * args.steps_per_epoch for epochs in args.epochs]
-    repeats = []
-    for repeat in range(args.repeats):
-        runs = {trainer: [] for trainer in TRAINERS}
-        for epochs, steps in zip(args.epochs, lengths):
-            for trainer in TRAINERS if repeat % 2 == 0 else TRAINERS[::-1]:
-                result = run(trainer, epochs, f"repeat{repeat}-{trainer}-{steps}steps")
+    return interleaved_repeats(run, TRAINERS, lengths, args.repeats)
+
+
+def interleaved_repeats(run, trainers: tuple[str, ...], lengths: list[int], repeats: int) -> list[dict]:
+    """`repeats` rounds of `run(trainer, steps, log_name)` for every trainer at both lengths, shorter length first;
+    the trainers' order reverses every round, so none always runs first. Each round's runs are split into time per
+    step and fixed time (`split_time`)."""
+    results = []
+    for repeat in range(repeats):
+        runs = {trainer: [] for trainer in trainers}
+        for steps in lengths:
+            for trainer in trainers if repeat % 2 == 0 else trainers[::-1]:
+                result = run(trainer, steps, f"repeat{repeat}-{trainer}-{steps}steps")
                 runs[trainer].append(result)
                 print(
-                    f"repeat {repeat} {trainer:<8}{steps:>5} steps: {result['wall_s']:8.1f} s wall "
+                    f"repeat {repeat} {trainer:<12}{steps:>5} steps: {result['wall_s']:8.1f} s wall "
                     f"{result['cpu_s']:8.1f} s CPU",
                     flush=True,
                 )
-        repeats.append(
-            {trainer: {"runs": runs[trainer], **split_time(*runs[trainer], *lengths)} for trainer in TRAINERS}
+        results.append(
+            {trainer: {"runs": runs[trainer], **split_time(*runs[trainer], *lengths)} for trainer in trainers}
         )
-    return repeats
+    return results
 
 
 def unet_alone(args, steps: int = 20) -> dict[str, float]:
@@ -214,21 +227,32 @@ def unet_alone(args, steps: int = 20) -> dict[str, float]:
     return {f"{clock}_s": statistics.median(values) for clock, values in times.items()}
 
 
-def summarise(repeats: list[dict], floor: dict[str, float]) -> dict:
-    medians = {
+def median_times(repeats: list[dict], trainers: tuple[str, ...]) -> dict[str, dict[str, float]]:
+    """Each trainer's time per step and fixed time, wall and CPU, medians over the repeats."""
+    return {
         trainer: {
             key: statistics.median(repeat[trainer][key] for repeat in repeats)
             for key in ("per_step_wall_s", "per_step_cpu_s", "fixed_wall_s", "fixed_cpu_s")
         }
-        for trainer in TRAINERS
+        for trainer in trainers
     }
-    paired = {
+
+
+def per_repeat_ratios(repeats: list[dict], numerator: str, denominator: str) -> dict[str, list[float]]:
+    """Each repeat's time per step of `numerator` over `denominator`'s, wall and CPU: the runs of one repeat are
+    minutes apart, so a drift of the machine's speed moves both."""
+    return {
         clock: [
-            repeat["example"][f"per_step_{clock}_s"] / repeat["ours"][f"per_step_{clock}_s"]
+            repeat[numerator][f"per_step_{clock}_s"] / repeat[denominator][f"per_step_{clock}_s"]
             for repeat in repeats
         ]
         for clock in ("wall", "cpu")
     }
+
+
+def summarise(repeats: list[dict], floor: dict[str, float]) -> dict:
+    medians = median_times(repeats, TRAINERS)
+    paired = per_repeat_ratios(repeats, "example", "ours")
     ratio = {
         clock: medians["example"][f"per_step_{clock}_s"] / medians["ours"][f"per_step_{clock}_s"]
         for clock in ("wall", "cpu")

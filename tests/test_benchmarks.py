@@ -1,14 +1,17 @@
 """The benchmark commands end to end at their smallest settings: what they print and write, not how fast it is."""
 
+import importlib
 import json
 import subprocess
 import sys
 import zipfile
 from pathlib import Path
 
+import datasets
 import pytest
 import torch
 from benchmark_runs import ONE_THREAD, REPOSITORY, run_benchmark, succeeded
+from diffusers import DDPMScheduler, StableDiffusionPipeline
 
 STAND_IN_STEP_CPU_SECONDS = 0.2
 # Stands in for diffusers' train_unconditional.py: it takes the same flags and costs a known CPU time per step.
@@ -139,6 +142,139 @@ def test_trainer_throughput_needs_two_lengths_of_at_least_two_epochs(tmp_path):
     assert result.returncode == 2 and "--epochs" in result.stderr
 
 
+@pytest.fixture
+def text_to_image(monkeypatch):
+    """benchmarks/text_to_image_throughput.py as a module; its siblings import each other by name."""
+    monkeypatch.syspath_prepend(str(REPOSITORY / "benchmarks"))
+    return importlib.import_module("text_to_image_throughput")
+
+
+def test_the_text_to_image_benchmark_writes_a_pipeline_and_captioned_images_both_trainers_load(
+    text_to_image, tmp_path
+):
+    fixture = importlib.import_module("stable_diffusion_fixture")
+    folder = fixture.build_pipeline(tmp_path, "small", 16)
+    # As the example loads it (ours loads it as a pipeline); every caption is spelled in known tokens.
+    pipeline = StableDiffusionPipeline.from_pretrained(folder)
+    assert (
+        DDPMScheduler.from_pretrained(folder, subfolder="scheduler").config.beta_schedule == "scaled_linear"
+    )
+    for caption in fixture.CAPTIONS:
+        ids = pipeline.tokenizer(caption, padding="max_length", max_length=77).input_ids
+        assert len(ids) == 77 and pipeline.tokenizer.decode(ids, skip_special_tokens=True) == caption
+    assert pipeline.unet.config.cross_attention_dim == pipeline.text_encoder.config.hidden_size
+    pipeline.set_progress_bar_config(disable=True)
+    image = pipeline(fixture.CAPTIONS[0], height=16, width=16, num_inference_steps=1, output_type="pt").images
+    assert image.shape == (1, 3, 16, 16) and torch.isfinite(image).all()
+
+    fixture.make_captioned_folder(tmp_path / "images", 6, 16)
+    rows = datasets.load_dataset("imagefolder", data_dir=str(tmp_path / "images"), split="train")
+    assert sorted(rows["text"]) == sorted(fixture.CAPTIONS[index % 4] for index in range(6))
+    assert rows[0]["image"].size == (16, 16)
+
+
+def flag_values(command: list[str], script: str) -> dict[str, str | bool]:
+    """The flags after `script` in a command: `--name value`, or `--name` alone as True."""
+    arguments, values = command[command.index(script) + 1 :], {}
+    for index, argument in enumerate(arguments):
+        if argument.startswith("--"):
+            following = arguments[index + 1] if index + 1 < len(arguments) else "--"
+            values[argument] = True if following.startswith("--") else following
+    return values
+
+
+def test_the_text_to_image_trainers_run_with_equal_settings(text_to_image, tmp_path):
+    example = tmp_path / "train_text_to_image.py"
+    example.touch()
+    args = text_to_image.parse_arguments(["--example", str(example), "--quick", "--mixed_precision", "bf16"])
+    pipeline, images, out = tmp_path / "sd", tmp_path / "images", tmp_path / "out"
+    ours = text_to_image.ours_command(args, pipeline, images, out, 30, "stock")
+    theirs = text_to_image.example_command(args, pipeline, images, out, 30)
+    ours_script = str(REPOSITORY / "train" / "train_text_to_image.py")
+    # The same launcher (precision, threads) and the same peak-memory wrapper around both.
+    assert ours[: ours.index(ours_script)] == theirs[: theirs.index(str(example))]
+    mine, yours = flag_values(ours, ours_script), flag_values(theirs, str(example))
+    same_name = (
+        "--resolution", "--train_batch_size", "--gradient_accumulation_steps", "--max_train_steps",
+        "--learning_rate", "--mixed_precision", "--seed", "--dataloader_num_workers", "--report_to",
+        "--checkpointing_steps", "--center_crop", "--output_dir",
+    )  # fmt: skip
+    assert {flag: mine[flag] for flag in same_name} == {flag: yours[flag] for flag in same_name}
+    assert (mine["--pretrained_model"], mine["--dataset"]) == (
+        yours["--pretrained_model_name_or_path"],
+        yours["--train_data_dir"],
+    )
+    assert mine["--mixed_precision"] == "bf16" and mine["--gradient_accumulation_steps"] == "1"
+    # The stock UNet, EMA in both, no flip, no caption dropout (the example has none), both encoding every step.
+    assert mine["--unet"] == "stock" and mine["--caption_dropout"] == "0" and "--no-cache_latents" in mine
+    assert yours["--use_ema"] is True and mine["--ema_decay"] == "0.9999"
+    assert "--no-random_flip" in mine and "--random_flip" not in yours
+    # No validation before the end: the example validates only when given prompts, ours samples only at the end.
+    assert "--validation_prompts" not in yours and mine["--sample_every"] == "0"
+    assert text_to_image.trainers_of(args) == ("ours", "example")
+    cached = flag_values(
+        text_to_image.ours_command(args, pipeline, images, out, 30, "stock", True), ours_script
+    )
+    assert {flag: value for flag, value in cached.items() if "cache_latents" not in flag} == {
+        flag: value for flag, value in mine.items() if "cache_latents" not in flag
+    }
+    assert "--cache_latents" in cached
+
+
+def test_the_text_to_image_overhead_is_each_trainers_step_over_the_floor_of_its_unet(text_to_image):
+    split_time = importlib.import_module("trainer_throughput").split_time
+
+    def trainer(fixed: float, per_step: float, memory: int) -> dict:
+        """Two runs, of 10 and 30 steps, whose peak memory grows with their length."""
+        runs = []
+        for steps in (10, 30):
+            seconds = fixed + steps * per_step
+            runs.append(
+                {"wall_s": seconds, "cpu_s": seconds, "peak_memory": {"max_rss_bytes": memory + steps}}
+            )
+        return {"runs": runs, **split_time(*runs, 10, 30)}
+
+    repeats = [
+        {"ours": trainer(9, 0.55, 100), "example": trainer(8, 0.66, 200), "ours_dia": trainer(9, 0.63, 110)},
+        {"ours": trainer(9, 0.5, 100), "example": trainer(8, 0.6, 200), "ours_dia": trainer(9, 0.6, 110)},
+        {"ours": trainer(9, 0.45, 100), "example": trainer(8, 0.63, 200), "ours_dia": trainer(9, 0.54, 110)},
+    ]
+    for repeat in repeats:
+        repeat["ours_cached"] = trainer(10, 0.25, 90)
+    times = {part: {"wall": [0.1, 0.1], "cpu": [0.1, 0.1]} for part in (*text_to_image.FLOOR_PARTS, "ema")}
+    stock = text_to_image.floor_summary([{"times": times}, {"times": times}])
+    # The floor is the four parts every step must do; the EMA update is reported beside them, not in it.
+    assert stock["cpu_s"] == pytest.approx(0.4) and stock["unet_step"]["cpu_s"] == pytest.approx(0.2)
+    floors = {"stock": stock, "dia": {"wall_s": 0.5, "cpu_s": 0.5}}
+    summary = text_to_image.summarise(repeats, floors, ("ours", "example", "ours_dia", "ours_cached"))
+    assert summary["per_step_cpu_seconds"]["ours"] == pytest.approx(0.5)
+    assert summary["overhead"]["ours"]["cpu"] == pytest.approx(0.5 / 0.4 - 1)
+    assert summary["overhead"]["ours_dia"]["cpu"] == pytest.approx(0.6 / 0.5 - 1)
+    # Encoding once, a step has only the bare UNet step to do.
+    assert summary["overhead"]["ours_cached"]["cpu"] == pytest.approx(0.25 / 0.2 - 1)
+    assert summary["per_step_ratio"] == pytest.approx(0.63 / 0.5)
+    assert summary["per_step_ratio_cpu_per_repeat"] == pytest.approx([1.2, 1.2, 1.4])
+    assert summary["dia_per_step_ratio"] == pytest.approx(0.6 / 0.5)
+    assert summary["per_step_ratio_ceiling"]["cpu"] == pytest.approx(0.63 / 0.4)
+    assert summary["peak_memory"]["example"] == {"max_rss_bytes": 230}
+
+
+def test_peak_memory_runs_a_script_as_python_would_and_keeps_its_exit_status(tmp_path):
+    script = tmp_path / "script.py"
+    script.write_text("import sys\nprint(sys.argv, sys.path[0])\nsys.exit(3)\n")
+    out = tmp_path / "peak.json"
+    result = subprocess.run(
+        [sys.executable, "benchmarks/peak_memory.py", str(script), "--flag", "value"],
+        cwd=REPOSITORY,
+        env={**ONE_THREAD, "PEAK_MEMORY_JSON": str(out)},
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 3
+    assert result.stdout.strip() == f"{[str(script), '--flag', 'value']} {tmp_path}"
+    assert json.loads(out.read_text())["max_rss_bytes"] > 0
+
+
 def probe_wheel(folder: Path) -> None:
     """The smallest installable wheel: lets the dry run rehearse the install of carried wheels."""
     folder.mkdir()
@@ -164,7 +300,7 @@ def test_device_check_dry_run_gathers_every_stage(tmp_path):
     assert result.returncode == 0, result.stdout[-3000:]
     summary = json.loads((tmp_path / "out" / "device_check.json").read_text())
     assert summary["dry"] is True
-    assert list(summary["stages"]) == ["wheels", "gpu_tests", "cost", "trainer_throughput"]
+    assert list(summary["stages"]) == ["wheels", "gpu_tests", "cost", "trainer_throughput", "text_to_image"]
     assert all(stage["exit_status"] == 0 for stage in summary["stages"].values())
     tests = summary["gpu_tests"]
     assert tests["tests"] >= 4 and tests["failures"] == tests["errors"] == 0
@@ -172,6 +308,14 @@ def test_device_check_dry_run_gathers_every_stage(tmp_path):
         assert tests["skipped"] == tests["tests"]
     assert set(summary["cost_ratios"]) == {"dia_lstm/global"}
     assert set(summary["trainer_throughput"]["fixed_seconds"]) == {"ours", "example"}
+    # Ours alone, stock and DIA, each against the bare step of its UNet, with the peak memory of every run.
+    text_to_image = summary["text_to_image"]
+    assert text_to_image["trainers"] == ["ours", "ours_dia"] and set(text_to_image["floor"]) == {
+        "stock",
+        "dia",
+    }
+    assert text_to_image["settings"]["mixed_precision"] == "bf16" and "dia_per_step_ratio" in text_to_image
+    assert all(memory["max_rss_bytes"] > 0 for memory in text_to_image["peak_memory"].values())
     assert (tmp_path / "out" / "device_check.log").stat().st_size > 0
 
 
