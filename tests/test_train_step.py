@@ -12,6 +12,7 @@ from diffusers.training_utils import EMAModel
 from tiny_training import watch_the_loss
 
 from dia_diffusion import DIAUNet2DModel
+from dia_diffusion.training import step as training_steps
 from dia_diffusion.training.config import PREDICTION_TYPES, TrainingConfig
 from dia_diffusion.training.ema import ema_weights
 from dia_diffusion.training.step import diffusion_loss, training_step
@@ -169,3 +170,25 @@ def test_a_training_step_flips_only_when_asked(random_flip, monkeypatch):
     ((clean_images, _),) = seen
     unchanged = [torch.equal(after, before) for after, before in zip(clean_images, images)]
     assert all(unchanged) != random_flip
+
+
+@pytest.mark.parametrize(
+    "settings, expected",
+    [
+        ({}, {}),  # DDPM's loss, and not one draw more from the random stream
+        ({"snr_gamma": 5.0}, {"snr_gamma": 5.0}),
+        ({"noise_offset": 0.1}, {"noise_offset": 0.1}),
+        ({"snr_gamma": 1.0, "noise_offset": 0.05}, {"snr_gamma": 1.0, "noise_offset": 0.05}),
+    ],
+)
+def test_a_training_step_gives_the_loss_the_settings_of_the_config(settings, expected, monkeypatch):
+    seen = []
+    real_loss = training_steps.diffusion_loss
+
+    def watched_loss(unet, noise_scheduler, clean_images, **options):
+        seen.append(options)
+        return real_loss(unet, noise_scheduler, clean_images, **options)
+
+    monkeypatch.setattr(training_steps, "diffusion_loss", watched_loss)
+    one_training_step(torch.rand(2, 1, 8, 8, generator=torch.Generator().manual_seed(0)), **settings)
+    assert seen == [expected]

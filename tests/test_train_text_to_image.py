@@ -1,7 +1,7 @@
 """train/train_text_to_image.py: a tiny Stable Diffusion (offline components) fine-tuned on captioned images the test
 writes, through the one training loop. The retrofit starts from what the stock model computes, a run resumes
 bitwise (also after SIGTERM), cached latents train as the images do, the saved pipeline loads in a fresh process and
-samples, and bad input is one line before anything is written."""
+samples, and bad input is one line before anything is written. The items themselves: test_captioned_images.py."""
 
 import importlib.util
 import json
@@ -10,17 +10,14 @@ import subprocess
 import sys
 from pathlib import Path
 
-import datasets
 import numpy as np
 import PIL.Image
 import pytest
-import torch
 from huggingface_hub import ModelCard
 from tiny_stable_diffusion import stable_diffusion, stable_diffusion_xl
 from tiny_training import assert_same_weights, read_metrics, reset_accelerate_state
 
-from dia_diffusion.data.captioned_images import CaptionedImages
-from dia_diffusion.data.image_datasets import load_image_dataset
+from dia_diffusion.runtime.file_digests import folder_weights_sha256
 from dia_diffusion.training import step as training_steps
 from dia_diffusion.training.config import resolve_config, run_record
 from dia_diffusion.training.loop import train
@@ -84,6 +81,9 @@ def test_a_fine_tune_leaves_a_pipeline_that_loads_in_a_fresh_process_and_samples
     record = json.loads((run / "training_config.json").read_text())
     assert record["pretrained_model"] == str(sd_folder) and len(record["pretrained_model_sha256"]) == 64
     assert record["beta_schedule"] == "scaled_linear" and record["dia_gate"] == "identity"
+    # The VAE and the text encoder were used frozen: the saved pipeline holds the source's weights.
+    for frozen in ("vae", "text_encoder"):
+        assert folder_weights_sha256(run / frozen) == folder_weights_sha256(sd_folder / frozen)
     card = ModelCard.load(run / "README.md")
     assert (
         card.data.pipeline_tag == "text-to-image" and "StableDiffusionPipeline.from_pretrained" in card.text
@@ -225,36 +225,6 @@ def test_cached_latents_train_as_the_images_do(sd_folder, captioned_folder, tmp_
         [row["loss"] for row in read_metrics(tmp_path / "images")], rel=1e-5
     )
     assert images.global_step == cached.global_step == 2
-
-
-def test_crops_flips_and_captions_are_a_pure_function_of_seed_epoch_and_index(captioned_folder):
-    loaded = load_image_dataset(str(captioned_folder), caption_column="text")
-    # A dataset may hold several captions per image; each use gives one of them.
-    dataset = datasets.Dataset.from_dict(
-        {"image": loaded["image"], "text": [[text, "wider newer"] for text in loaded["text"]]},
-        features=datasets.Features({"image": datasets.Image(), "text": [datasets.Value("string")]}),
-    )
-    captions = []
-
-    def tokenize(caption: str) -> torch.Tensor:
-        captions.append(caption)
-        return torch.tensor([len(caption)])
-
-    items = CaptionedImages(dataset, 32, tokenize, seed=0, center_crop=False, random_flip=True)
-    first = [items[index]["pixel_values"] for index in range(8)]
-    assert all(torch.equal(a, items[index]["pixel_values"]) for index, a in enumerate(first))
-    items.set_epoch(1)
-    assert not all(torch.equal(a, items[index]["pixel_values"]) for index, a in enumerate(first))
-    assert first[0].shape == (3, 32, 32)
-    for epoch in range(6):
-        items.set_epoch(epoch)
-        items[3]
-    assert set(captions[-6:]) == {"newer", "wider newer"}
-    # A centre crop of the 40x48 image resized to 32x38 (shorter side 32) is its columns 3 to 35.
-    resized = np.asarray(dataset[0]["image"].resize((38, 32), PIL.Image.BILINEAR), dtype=np.float32)
-    centred = CaptionedImages(dataset, 32, tokenize, seed=0, center_crop=True)
-    pixels = (centred[0]["pixel_values"].permute(1, 2, 0).numpy() + 1) * 127.5
-    assert np.abs(pixels - resized[:, 3:35]).max() < 1.5
 
 
 @pytest.mark.parametrize(

@@ -50,7 +50,15 @@ class CaptionedImages(Dataset):
         return len(self.dataset)
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        row = self.dataset[index]
+        return self.__getitems__([index])[0]
+
+    def __getitems__(self, indices: list[int]) -> list[dict[str, torch.Tensor]]:
+        # One read of the batch's rows (the DataLoader asks for a batch at once) costs less than a read per row.
+        columns = self.dataset[indices]
+        rows = [dict(zip(columns, values, strict=True)) for values in zip(*columns.values(), strict=True)]
+        return [self.item(index, row) for index, row in zip(indices, rows, strict=True)]
+
+    def item(self, index: int, row: dict) -> dict[str, torch.Tensor]:
         draws = np.random.default_rng([self.seed, self.epoch, index])
         image = TF.resize(rgb(row["image"]), self.resolution, interpolation=TF.InterpolationMode.BILINEAR)
         width, height = image.size

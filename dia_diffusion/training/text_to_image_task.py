@@ -45,6 +45,7 @@ class TextToImageTask(UnconditionalTask):
         self.components = {name: value for name, value in source.components.items() if name != "unet"}
         self.requires_safety_checker = source.config.get("requires_safety_checker", False)
         self.vae, self.text_encoder, self.tokenizer = source.vae, source.text_encoder, source.tokenizer
+        # Frozen: no weight of theirs asks for a gradient, so autograd records nothing through them.
         for frozen in (self.vae, self.text_encoder):
             frozen.requires_grad_(False).eval()
         self.weight_dtype = WEIGHT_DTYPES[config.mixed_precision]
@@ -61,9 +62,8 @@ class TextToImageTask(UnconditionalTask):
             setattr(self, name, module.to(accelerator.device))
         self.device = accelerator.device
         self.show_progress = accelerator.is_main_process
-        with torch.no_grad():
-            self.empty_ids = self.tokenize("").to(self.device)
-            self.empty_states = self.encode_text(self.empty_ids[None])
+        self.empty_ids = self.tokenize("").to(self.device)
+        self.empty_states = self.encode_text(self.empty_ids[None])
 
     def initial_unet(self) -> torch.nn.Module:
         attention = UNET_VARIANTS[self.config.unet]
@@ -98,7 +98,6 @@ class TextToImageTask(UnconditionalTask):
         )
         return self.encoded(images) if config.cache_latents else images
 
-    @torch.no_grad()
     def encoded(self, images: CaptionedImages) -> EncodedItems:
         """Every image's latent distribution and every caption's encoding, once (center crop, no flip: checked)."""
         if any(isinstance(text, list) for text in images.dataset["text"]):
@@ -115,7 +114,6 @@ class TextToImageTask(UnconditionalTask):
             latent_parameters=torch.cat(latent_parameters), encoder_hidden_states=torch.cat(states)
         )
 
-    @torch.no_grad()
     def clean_samples(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """A sample of each image's latent distribution, scaled to unit variance as Stable Diffusion trains."""
         if "latent_parameters" in batch:
@@ -126,7 +124,6 @@ class TextToImageTask(UnconditionalTask):
         # layout; cached and encoded-per-step latents then get the same noise.
         return (distribution.sample() * self.vae.config.scaling_factor).float().contiguous()
 
-    @torch.no_grad()
     def unet_inputs(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The captions' encoding, with each caption dropped to "" with probability `caption_dropout`, so that the
         model keeps the unconditional prediction that classifier-free guidance needs."""
