@@ -9,18 +9,24 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
+import datasets
 import numpy as np
 import PIL.Image
 import pytest
+import torch
 from huggingface_hub import ModelCard
 from tiny_stable_diffusion import stable_diffusion, stable_diffusion_xl
 from tiny_training import assert_same_weights, read_metrics, reset_accelerate_state
 
+from dia_diffusion.data.image_datasets import load_image_dataset
 from dia_diffusion.runtime.file_digests import folder_weights_sha256
 from dia_diffusion.training import step as training_steps
-from dia_diffusion.training.config import resolve_config, run_record
+from dia_diffusion.training.config import TrainingConfigError, resolve_config, run_record
 from dia_diffusion.training.loop import train
+from dia_diffusion.training.pretrained_pipeline import load_pretrained_pipeline
+from dia_diffusion.training.text_to_image_task import TextToImageTask
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = REPO_ROOT / "train" / "train_text_to_image.py"
@@ -291,3 +297,69 @@ def test_a_run_records_the_settings_it_uses_and_no_others():
     )
     weighted = run_record(resolve_config("demo", {"output_dir": "run", "snr_gamma": 5.0}), num_processes=1)
     assert weighted["snr_gamma"] == 5.0 and "noise_offset" not in weighted
+
+
+def placed_task(sd_folder: Path, dataset: Path, tmp_path: Path, **overrides) -> TextToImageTask:
+    config = fine_tune_config(sd_folder, dataset, tmp_path / "unused", **overrides)
+    task = TextToImageTask(
+        config,
+        load_pretrained_pipeline(str(sd_folder)),
+        load_image_dataset(str(dataset), caption_column="text"),
+    )
+    task.place(SimpleNamespace(device=torch.device("cpu"), is_main_process=False))
+    return task
+
+
+def test_the_clean_samples_are_a_sample_of_the_vaes_latents_scaled_as_stable_diffusion_trains(
+    sd_folder, captioned_folder, tmp_path
+):
+    task = placed_task(sd_folder, captioned_folder, tmp_path)
+    pixels = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    torch.manual_seed(1)
+    latents = task.clean_samples({"pixel_values": pixels})
+    # By hand: the encoder's mean and log-variance, one draw of N(0, 1), the VAE's scaling factor (0.18215 in SD).
+    moments = task.vae.quant_conv(task.vae.encoder(pixels)).detach()
+    mean, log_variance = moments.chunk(2, dim=1)
+    torch.manual_seed(1)
+    draw = torch.randn(mean.shape)
+    expected = (mean + (0.5 * log_variance.clamp(-30, 20)).exp() * draw) * task.vae.config.scaling_factor
+    assert task.vae.config.scaling_factor != 1
+    torch.testing.assert_close(latents, expected, rtol=1e-5, atol=1e-6)
+    assert latents.is_contiguous() and not latents.requires_grad
+    # Cached, the same distribution gives the same sample.
+    torch.manual_seed(1)
+    cached = task.clean_samples({"latent_parameters": moments})
+    torch.testing.assert_close(cached, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("cached", [False, True])
+def test_a_dropped_caption_is_encoded_as_the_empty_one(sd_folder, captioned_folder, tmp_path, cached):
+    task = placed_task(sd_folder, captioned_folder, tmp_path, caption_dropout=0.5)
+    input_ids = torch.stack(
+        [task.tokenize(caption) for caption in ["lower newer", "wider", "lowest", "newer"] * 4]
+    )
+    states = task.text_encoder(input_ids)[0].detach()
+    batch = {"encoder_hidden_states": states} if cached else {"input_ids": input_ids}
+    torch.manual_seed(0)
+    given = task.unet_inputs(batch)["encoder_hidden_states"]
+    torch.manual_seed(0)
+    dropped = torch.rand(len(input_ids)) < 0.5
+    empty = task.text_encoder(task.tokenize("")[None])[0].detach()
+    expected = torch.where(dropped[:, None, None], empty, states)
+    assert 0 < dropped.sum() < len(dropped)
+    torch.testing.assert_close(given, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_cached_latents_need_one_caption_per_image(sd_folder, captioned_folder, tmp_path):
+    task = placed_task(sd_folder, captioned_folder, tmp_path, center_crop=True, cache_latents=True)
+    loaded = load_image_dataset(str(captioned_folder), caption_column="text")
+    several = datasets.Dataset.from_dict(
+        {"image": loaded["image"], "text": [[text, "wider"] for text in loaded["text"]]},
+        features=datasets.Features({"image": datasets.Image(), "text": [datasets.Value("string")]}),
+    )
+    with pytest.raises(
+        TrainingConfigError, match="^--cache_latents needs one caption per image; this dataset has"
+    ):
+        task.training_items(several)
+    encoded = task.training_items(loaded)
+    assert len(encoded) == 8 and encoded[0]["latent_parameters"].shape == (8, 16, 16)
