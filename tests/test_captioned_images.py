@@ -15,11 +15,12 @@ RESOLUTION = 8
 
 
 def images() -> list[PIL.Image.Image]:
-    """A landscape and a portrait image, both larger than the resolution on both sides."""
+    """A landscape and a portrait image, both larger than the resolution on both sides, whose resized long side leaves
+    an odd margin (11 pixels) to crop: a centre crop is then neither at the start nor at an even split."""
     draws = np.random.default_rng(0)
     return [
         PIL.Image.fromarray(draws.integers(0, 256, shape, dtype=np.uint8))
-        for shape in ((10, 14, 3), (13, 11, 3))
+        for shape in ((10, 24, 3), (24, 10, 3))
     ]
 
 
@@ -76,6 +77,8 @@ def test_every_item_is_the_reference_crop_of_its_image(center_crop, random_flip)
 def test_crops_and_flips_change_with_the_epoch_and_not_with_a_second_look():
     items = CaptionedImages(rows(["a", "b"]), RESOLUTION, lambda caption: torch.tensor([0]), 0, False, True)
     first = [items[index]["pixel_values"] for index in range(2)]
+    # Before accelerate sets an epoch, the items are epoch 0's.
+    torch.testing.assert_close(first[1], reference(images()[1], 0, 0, 1, False, True), rtol=0, atol=1e-6)
     assert all(torch.equal(pixels, items[index]["pixel_values"]) for index, pixels in enumerate(first))
     seen = set()
     for epoch in range(12):
