@@ -7,7 +7,11 @@ MUTATION_INSTALLED := $(VENV)/.mutation-installed
 MUTATION_TARGETS := "dia_diffusion.models.dia_cell.*" "dia_diffusion.models.channel_attention.*" \
 	"dia_diffusion.models.dia_resnet.*" "dia_diffusion.models.dia_model.*" "dia_diffusion.models.unet_2d_dia.*" \
 	"dia_diffusion.training.step.x_diffusion_loss*" "dia_diffusion.training.tasks.x_random_horizontal_flip*" \
-	"dia_diffusion.training.step.x_training_step*"
+	"dia_diffusion.training.step.x_training_step*" "dia_diffusion.training.step.x_loss_options*" \
+	"dia_diffusion.training.step.x_min_snr_weights*" "dia_diffusion.data.captioned_images.*" \
+	"dia_diffusion.training.text_to_image_task.xǁTextToImageTaskǁclean_samples*" \
+	"dia_diffusion.training.text_to_image_task.xǁTextToImageTaskǁunet_inputs*" \
+	"dia_diffusion.training.text_to_image_task.xǁTextToImageTaskǁencoded*"
 
 .PHONY: install test demo lint format mutation
 

@@ -55,8 +55,8 @@ class CaptionedImages(Dataset):
     def __getitems__(self, indices: list[int]) -> list[dict[str, torch.Tensor]]:
         # One read of the batch's rows (the DataLoader asks for a batch at once) costs less than a read per row.
         columns = self.dataset[indices]
-        rows = [dict(zip(columns, values, strict=True)) for values in zip(*columns.values(), strict=True)]
-        return [self.item(index, row) for index, row in zip(indices, rows, strict=True)]
+        rows = [dict(zip(columns, values)) for values in zip(*columns.values())]
+        return [self.item(index, row) for index, row in zip(indices, rows)]
 
     def item(self, index: int, row: dict) -> dict[str, torch.Tensor]:
         draws = np.random.default_rng([self.seed, self.epoch, index])
