@@ -20,12 +20,13 @@ from huggingface_hub import ModelCard
 from tiny_stable_diffusion import stable_diffusion, stable_diffusion_xl
 from tiny_training import assert_same_weights, read_metrics, reset_accelerate_state
 
+from dia_diffusion import apply_dia
 from dia_diffusion.data.image_datasets import load_image_dataset
 from dia_diffusion.runtime.file_digests import folder_weights_sha256
 from dia_diffusion.training import step as training_steps
 from dia_diffusion.training.config import TrainingConfigError, resolve_config, run_record
 from dia_diffusion.training.loop import train
-from dia_diffusion.training.pretrained_pipeline import load_pretrained_pipeline
+from dia_diffusion.training.pretrained_pipeline import PretrainedPipelineError, load_pretrained_pipeline
 from dia_diffusion.training.text_to_image_task import TextToImageTask
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -286,6 +287,52 @@ def test_bad_input_is_one_line_and_exit_2_before_anything_is_written(
     lines = [line for line in stderr.splitlines() if line.startswith("train_text_to_image.py")]
     assert code == 2 and len(lines) == 1 and expected in lines[0], stderr
     assert not run.exists()
+
+
+def test_the_pipeline_decides_the_schedule_and_a_dia_unet_its_attention(
+    sd_folder, captioned_folder, tmp_path
+):
+    """A stock UNet is retrofitted with the identity gate unless --dia_gate is given; a DIA UNet, from an earlier
+    fine-tune, continues with its own attention; an explicit setting that contradicts the pipeline is refused by
+    name."""
+
+    def settings(folder: Path, **overrides):
+        return fine_tune_config(folder, captioned_folder, tmp_path / "unused", **overrides)
+
+    scheduler = json.loads((sd_folder / "scheduler" / "scheduler_config.json").read_text())
+    retrofit = settings(sd_folder)
+    assert (retrofit.unet, retrofit.dia_gate) == ("dia", "identity")
+    assert retrofit.num_train_timesteps == scheduler["num_train_timesteps"]
+    assert retrofit.beta_schedule == scheduler["beta_schedule"]
+    assert settings(sd_folder, dia_gate="sigmoid").dia_gate == "sigmoid"
+    assert settings(sd_folder, unet="stock").unet == "stock"
+    with pytest.raises(
+        PretrainedPipelineError, match=r"--num_train_timesteps 7 contradicts --pretrained_model '"
+    ):
+        settings(sd_folder, num_train_timesteps=7)
+
+    dia_folder = tmp_path / "dia"
+    pipeline = load_pretrained_pipeline(str(sd_folder))
+    apply_dia(pipeline, dia_attention="se_shared", dia_sharing="per_block", dia_gate="sigmoid")
+    pipeline.save_pretrained(dia_folder)
+    continued = settings(dia_folder)
+    assert (continued.unet, continued.dia_sharing, continued.dia_gate) == (
+        "se-shared",
+        "per_block",
+        "sigmoid",
+    )
+    with pytest.raises(
+        PretrainedPipelineError, match=r"--unet stock cannot start from .*pass --unet se-shared"
+    ):
+        settings(dia_folder, unet="stock")
+    with pytest.raises(PretrainedPipelineError, match=r"--dia_sharing 'global' contradicts .*'per_block'"):
+        settings(dia_folder, dia_sharing="global")
+    config_file = dia_folder / "unet" / "config.json"
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "dia_attention": "mystery"}))
+    with pytest.raises(
+        PretrainedPipelineError, match=r"dia_attention 'mystery', which no --unet variant trains"
+    ):
+        settings(dia_folder)
 
 
 def test_a_run_records_the_settings_it_uses_and_no_others():

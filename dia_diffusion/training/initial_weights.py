@@ -124,17 +124,22 @@ def checkpoint_settings(source: str) -> dict[str, Any]:
     if sample_size is not None:
         settings["resolution"] = sample_size
     if model_class is DIAUNet2DModel:
-        attention = arguments["dia_attention"]
-        if attention not in UNET_VARIANT_OF_ATTENTION:
-            raise InitialUNetError(
-                f"--init_unet '{source}' holds a DIAUNet2DModel with dia_attention {attention!r}, which no --unet "
-                "variant trains"
-            )
-        settings["unet"] = UNET_VARIANT_OF_ATTENTION[attention]
-        settings.update(
-            {name: arguments[name] for name in DIA_ARGUMENTS if name != "dia_attention" and name in arguments}
-        )
+        settings.update(saved_dia_settings(arguments, f"--init_unet '{source}'", InitialUNetError))
     return settings
+
+
+def saved_dia_settings(arguments: dict[str, Any], source: str, error: type[ValueError]) -> dict[str, Any]:
+    """`unet` and the `dia_*` settings of a saved DIA UNet's constructor `arguments`: such a UNet continues with
+    the attention it was trained with. `source` names it in the `error` raised for an attention no variant trains."""
+    attention = arguments["dia_attention"]
+    if attention not in UNET_VARIANT_OF_ATTENTION:
+        raise error(
+            f"{source} holds a DIA UNet with dia_attention {attention!r}, which no --unet variant trains"
+        )
+    return {
+        "unet": UNET_VARIANT_OF_ATTENTION[attention],
+        **{name: arguments[name] for name in DIA_ARGUMENTS if name != "dia_attention" and name in arguments},
+    }
 
 
 def initial_unet_settings(source: str, unet_variant: str, given: dict[str, Any]) -> dict[str, Any]:
@@ -143,22 +148,34 @@ def initial_unet_settings(source: str, unet_variant: str, given: dict[str, Any])
 
     Raises InitialUNetError naming the first explicit setting that contradicts the checkpoint.
     """
-    decided = checkpoint_settings(source)
+    return settled(
+        checkpoint_settings(source), unet_variant, given, f"--init_unet '{source}'", InitialUNetError
+    )
+
+
+def settled(
+    decided: dict[str, Any], unet_variant: str, given: dict[str, Any], source: str, error: type[ValueError]
+) -> dict[str, Any]:
+    """The settings a saved model `decided`, checked against those `given` explicitly, plus the gate of a retrofit.
+
+    A DIA UNet decides `unet`; a stock UNet that `--unet unet_variant` retrofits with DIA gets the identity gate
+    unless `--dia_gate` is given. Raises `error`, naming `source`, for the first explicit setting that contradicts
+    the saved model.
+    """
     for key, value in decided.items():
         if key in given and not same_setting(given[key], value):
             if key == "unet":
-                raise InitialUNetError(
-                    f"--unet {given[key]} cannot start from --init_unet '{source}': it holds a "
-                    f"DIAUNet2DModel trained as --unet {value}; pass --unet {value} (or leave --unet out)"
+                raise error(
+                    f"--unet {given[key]} cannot start from {source}: it holds a DIA UNet trained as "
+                    f"--unet {value}; pass --unet {value} (or leave --unet out)"
                 )
-            raise InitialUNetError(
-                f"--{key} {given[key]!r} contradicts --init_unet '{source}', whose UNet has {key} "
-                f"{value!r}; leave --{key} out"
+            raise error(
+                f"--{key} {given[key]!r} contradicts {source}, whose UNet has {key} {value!r}; leave --{key} out"
             )
     retrofit = "unet" not in decided and UNET_VARIANTS.get(unet_variant) is not None
     if retrofit and "dia_gate" not in given:
         # Exactly the identity at step 0, so the retrofitted run starts from what the checkpoint computes.
-        decided["dia_gate"] = "identity"
+        return {**decided, "dia_gate": "identity"}
     return decided
 
 

@@ -8,6 +8,7 @@ sha256 of the weights of those three components, so a run whose source has chang
 resume.
 """
 
+import functools
 import hashlib
 import json
 from pathlib import Path
@@ -15,12 +16,10 @@ from typing import Any
 
 from diffusers import DiffusionPipeline, StableDiffusionPipeline
 
-from dia_diffusion.models.dia_options import DIA_ARGUMENTS
 from dia_diffusion.models.unet_2d_condition_dia import DIAUNet2DConditionModel
 from dia_diffusion.runtime.errors import first_line
 from dia_diffusion.runtime.file_digests import folder_weights_sha256
-from dia_diffusion.training.initial_weights import UNET_VARIANT_OF_ATTENTION, same_setting
-from dia_diffusion.training.presets import UNET_VARIANTS
+from dia_diffusion.training.initial_weights import saved_dia_settings, settled
 
 PIPELINE_CLASS = StableDiffusionPipeline.__name__
 # The components whose weights training reads; the sha256 of the run record covers them.
@@ -44,11 +43,18 @@ def locate_pipeline_folder(source: str) -> Path:
         raise PretrainedPipelineError(
             f"--pretrained_model '{source}' is a file; pass a pipeline folder or a hub name"
         )
+    return hub_snapshot(source)
+
+
+@functools.cache
+def hub_snapshot(name: str) -> Path:
+    """The hub snapshot of pipeline `name`, fetched once per process: the settings read and the weights hashed at
+    the start are those of the very snapshot that training loads."""
     try:
-        return Path(DiffusionPipeline.download(source))
+        return Path(DiffusionPipeline.download(name))
     except (OSError, ValueError) as error:
         raise PretrainedPipelineError(
-            f"--pretrained_model '{source}' is not a local folder, and the Hugging Face hub cannot provide it: "
+            f"--pretrained_model '{name}' is not a local folder, and the Hugging Face hub cannot provide it: "
             f"{first_line(error)}"
         ) from None
 
@@ -75,20 +81,8 @@ def pretrained_pipeline_settings(source: str, unet_variant: str, given: dict[str
     }
     unet = json.loads((folder / "unet" / "config.json").read_text())
     if unet.get("_class_name") == DIAUNet2DConditionModel.__name__:
-        # A DIA UNet continues with the attention it was trained with.
-        settings["unet"] = UNET_VARIANT_OF_ATTENTION[unet["dia_attention"]]
-        settings.update(
-            {name: unet[name] for name in DIA_ARGUMENTS if name != "dia_attention" and name in unet}
-        )
-    elif UNET_VARIANTS.get(unet_variant) is not None and "dia_gate" not in given:
-        settings["dia_gate"] = "identity"
-    for key, value in settings.items():
-        if key in given and not same_setting(given[key], value):
-            raise PretrainedPipelineError(
-                f"--{key} {given[key]!r} contradicts --pretrained_model '{source}', whose UNet has {key} {value!r}; "
-                f"leave --{key} out"
-            )
-    return settings
+        settings.update(saved_dia_settings(unet, f"--pretrained_model '{source}'", PretrainedPipelineError))
+    return settled(settings, unet_variant, given, f"--pretrained_model '{source}'", PretrainedPipelineError)
 
 
 def pipeline_weights_sha256(folder: Path) -> str:
