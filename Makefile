@@ -3,7 +3,8 @@ PYTHON ?= python3
 VENV := .venv
 INSTALLED := $(VENV)/.installed
 MUTATION_INSTALLED := $(VENV)/.mutation-installed
-# What `make mutation` mutates (mutmut's mutant names): the DIA modules and the training step's parts.
+# What `make mutation` mutates (mutmut's mutant names): the DIA modules, the training step's parts, and the settings
+# a saved DIA UNet decides.
 MUTATION_TARGETS := "dia_diffusion.models.dia_cell.*" "dia_diffusion.models.channel_attention.*" \
 	"dia_diffusion.models.dia_resnet.*" "dia_diffusion.models.dia_model.*" "dia_diffusion.models.unet_2d_dia.*" \
 	"dia_diffusion.training.step.x_diffusion_loss*" "dia_diffusion.training.tasks.x_random_horizontal_flip*" \
@@ -11,7 +12,8 @@ MUTATION_TARGETS := "dia_diffusion.models.dia_cell.*" "dia_diffusion.models.chan
 	"dia_diffusion.training.step.x_min_snr_weights*" "dia_diffusion.data.captioned_images.*" \
 	"dia_diffusion.training.text_to_image_task.xǁTextToImageTaskǁclean_samples*" \
 	"dia_diffusion.training.text_to_image_task.xǁTextToImageTaskǁunet_inputs*" \
-	"dia_diffusion.training.text_to_image_task.xǁTextToImageTaskǁencoded*"
+	"dia_diffusion.training.text_to_image_task.xǁTextToImageTaskǁencoded*" \
+	"dia_diffusion.training.initial_weights.x_saved_dia_settings*" "dia_diffusion.training.initial_weights.x_settled*"
 
 .PHONY: install test demo lint format mutation
 
