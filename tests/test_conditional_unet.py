@@ -12,6 +12,7 @@ import tiny_stable_diffusion as tiny
 import torch
 from conftest import TINY_GREY_UNET
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DConditionModel, UNet2DModel
+from diffusers.models.attention_processor import AttnProcessor
 from diffusers.models.resnet import ResnetBlock2D
 
 from dia_diffusion import DIAUNet2DConditionModel, DIAUNet2DModel, apply_dia
@@ -52,6 +53,9 @@ def test_freeu_passes_through_dia_unchanged(tmp_path):
     apply_dia(pipeline)
     pipeline.enable_freeu(s1=0.9, s2=0.2, b1=1.2, b2=1.4)
     assert torch.equal(tiny.images(pipeline), stock)
+    enabled_first = tiny.stable_diffusion(tmp_path)
+    enabled_first.enable_freeu(s1=0.9, s2=0.2, b1=1.2, b2=1.4)
+    assert torch.equal(tiny.images(apply_dia(enabled_first)), stock)
 
 
 def test_a_lora_adapter_saved_for_the_stock_unet_loads_into_dia_and_gives_the_stock_images(tmp_path):
@@ -71,6 +75,9 @@ def test_a_lora_adapter_saved_for_the_stock_unet_loads_into_dia_and_gives_the_st
         tmp_path / "lora", unet_lora_layers=get_peft_model_state_dict(pipeline.unet)
     )
     with_lora = tiny.images(pipeline)
+
+    with pytest.raises(ValueError, match="carries adapters .* apply DIA first, then load the adapters"):
+        apply_dia(pipeline)
 
     fresh = apply_dia(tiny.stable_diffusion(tmp_path))
     assert not torch.equal(tiny.images(fresh), with_lora)
@@ -119,7 +126,13 @@ def reloaded(tmp_path_factory):
         capture_output=True,
         text=True,
         timeout=300,
-        env={"PYTHONPATH": str(Path(__file__).parent), "PATH": "", "HF_HUB_OFFLINE": "1"},
+        # The same number of threads as here: another would sum in another order.
+        env={
+            "PYTHONPATH": str(Path(__file__).parent),
+            "PATH": "",
+            "HF_HUB_OFFLINE": "1",
+            "OMP_NUM_THREADS": str(torch.get_num_threads()),
+        },
     )
     assert result.returncode == 0, result.stderr[-2000:]
     loaded = torch.load(folder / "out.pt")
@@ -196,6 +209,31 @@ def test_a_stock_folder_loads_as_a_retrofit_with_the_stock_output(tmp_path):
     assert unet.config.dia_gate == "identity" and unet.config.dia_sharing == "per_block"
     with torch.no_grad():
         assert torch.equal(unet(*sd_inputs()).sample, stock(*sd_inputs()).sample)
+
+
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_a_retrofit_keeps_the_mode_of_the_stock_unet_so_dropout_acts_alike(mode):
+    torch.manual_seed(0)
+    stock = UNet2DModel(**TINY_GREY_UNET, dropout=0.5).train(mode == "train")
+    retrofit = apply_dia(stock)
+    assert retrofit.training == stock.training
+    sample, timestep = torch.randn(2, 1, 8, 8), torch.tensor([3, 40])
+    with torch.no_grad():
+        torch.manual_seed(1)
+        expected = stock(sample, timestep).sample
+        torch.manual_seed(1)
+        assert torch.equal(retrofit(sample, timestep).sample, expected)
+
+
+def test_a_retrofit_keeps_the_attention_processors_of_the_stock_unet():
+    torch.manual_seed(0)
+    stock = UNet2DConditionModel(**tiny.SD_UNET).eval()
+    stock.set_attn_processor(AttnProcessor())
+    retrofit = apply_dia(stock)
+    processors = retrofit.attn_processors
+    assert processors.keys() == stock.attn_processors.keys()
+    assert all(type(processor) is AttnProcessor for processor in processors.values())
+    assert not set(map(id, processors.values())) & set(map(id, stock.attn_processors.values()))
 
 
 def test_blocks_not_built_from_resnet_block_2d_are_refused_by_name():

@@ -7,10 +7,12 @@ part) is `dia_resnet.py`. Model classes: `unet_2d_dia.py` (UNet2DModel) and `une
 (UNet2DConditionModel: class-conditional DDPMs and Stable Diffusion).
 """
 
+import copy
 import inspect
 from collections.abc import Iterator
 
 import torch
+from diffusers.models.attention_processor import Attention
 from diffusers.models.resnet import ResnetBlock2D
 
 from dia_diffusion.hub.model_card import model_cards_wanted, write_model_card
@@ -19,6 +21,24 @@ from dia_diffusion.models.channel_attention import ChannelAttention, ResnetSite
 from dia_diffusion.models.dia_options import DIA_ARGUMENTS
 from dia_diffusion.models.dia_resnet import CheckpointDIAResnetsInside, DIACall, DIAResnetBlock2D
 from dia_diffusion.models.model_facts import model_card_task, model_facts
+
+# The factors `enable_freeu` sets on each up block of a UNet2DConditionModel.
+FREEU_FACTORS = ("s1", "s2", "b1", "b2")
+
+
+def carry_runtime_state(stock: torch.nn.Module, model: torch.nn.Module) -> None:
+    """Copies what diffusers sets on a UNet beside its config and weights, so that the retrofit `model` computes what
+    `stock` computes: each attention layer's processor (`set_attn_processor`), FreeU's factors (`enable_freeu`), and
+    training or eval mode (`from_pretrained` returns eval mode, which turns dropout off)."""
+    modules = dict(model.named_modules())
+    for name, module in stock.named_modules():
+        if isinstance(module, Attention):
+            modules[name].set_processor(copy.deepcopy(module.processor))
+    for stock_block, block in zip(stock.up_blocks, model.up_blocks, strict=True):
+        for factor in FREEU_FACTORS:
+            if getattr(stock_block, factor, None) is not None:
+                setattr(block, factor, getattr(stock_block, factor))
+    model.train(stock.training)
 
 
 class DIAModelMixin:
@@ -107,7 +127,9 @@ class DIAModelMixin:
     def from_unet(cls, unet, **dia_options):
         """Retrofits a stock (e.g. pretrained) UNet of `stock_class`: copies every weight key for key and adds DIA.
 
-        The gate defaults to `"identity"`, so the result computes exactly what `unet` computes until it is trained.
+        The gate defaults to `"identity"`, so the result computes exactly what `unet` computes until it is trained;
+        the attention processors, FreeU's factors and train or eval mode are carried over for the same reason. A UNet
+        that carries adapters (LoRA, IP-Adapter) is refused: they are loaded onto the DIA UNet instead.
         """
         if isinstance(unet, DIAModelMixin):
             raise ValueError(
@@ -120,11 +142,17 @@ class DIAModelMixin:
         unknown = sorted(set(dia_options) - set(DIA_ARGUMENTS))
         if unknown:
             raise ValueError(f"unknown DIA option(s) {unknown}; expected some of {DIA_ARGUMENTS}")
+        if getattr(unet, "peft_config", None) or unet.config.get("encoder_hid_dim_type") == "ip_image_proj":
+            raise ValueError(
+                "the UNet carries adapters (LoRA or IP-Adapter), which change its modules; apply DIA first, then "
+                "load the adapters onto the DIA UNet"
+            )
         accepted = inspect.signature(cls.__init__).parameters
         config = {key: value for key, value in unet.config.items() if key in accepted}
         config.update({"dia_gate": "identity", **dia_options})
         model = cls(**config)
         model.retrofitted_from = unet.config.get("_name_or_path")  # the base model its card names
+        carry_runtime_state(unet, model)
         missing, unexpected = model.load_state_dict(unet.state_dict(), strict=False)
         added = {key for key in model.state_dict() if key.startswith("channel_attention.")}
         if unexpected or set(missing) != added:
