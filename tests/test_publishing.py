@@ -68,6 +68,18 @@ def test_a_trained_pipeline_folder_has_a_model_card_that_loads_and_samples_it(
     assert len(namespace["images"]) == 16 and isinstance(namespace["pipeline"].unet, DIAUNet2DModel)
 
 
+def test_the_card_of_a_stock_run_says_it_is_the_stock_unet_and_claims_no_dia(tiny_dataset, tmp_path):
+    config = dataclasses.replace(
+        tiny_config(tiny_dataset, tmp_path / "run", unet="stock"), init_unet="google/ddpm-cifar10-32"
+    )
+    unet = UNet2DModel(**TINY_GREY_UNET)
+    card = ModelCard.load(run_card(tmp_path, config, unet, 4, "someone/stock-cifar10"))
+    assert "dia" not in card.data.tags
+    assert "the stock UNet, without DIA" in card.text and "A stock diffusers `UNet2DModel`" in card.text
+    assert "with Dense-and-Implicit Attention" not in card.text and "retrofitted" not in card.text
+    assert f"| {count_parameters(unet):,} |" in card.text and "added by DIA" not in card.text
+
+
 def test_the_card_names_the_base_model_and_the_hub_dataset(tiny_dataset, tmp_path):
     unet = DIAUNet2DModel(**TINY_GREY_UNET)
     config = dataclasses.replace(
