@@ -112,3 +112,16 @@ def test_an_unconditional_checkpoint_cannot_start_a_class_conditional_run(tiny_d
 def test_bad_class_conditional_settings_are_refused_by_flag(tiny_dataset, tmp_path, flag, value, message):
     with pytest.raises(TrainingConfigError, match=message):
         tiny_config(tiny_dataset, tmp_path / "run", class_conditional=True, **{flag: value})
+
+
+def test_guidance_without_dropped_labels_is_refused_since_nothing_trains_the_null_class(
+    tiny_dataset, tmp_path
+):
+    settings = dict(class_conditional=True, class_dropout=0.0)
+    with pytest.raises(TrainingConfigError, match=r"--guidance_scale 2.0 needs a trained null class"):
+        tiny_config(tiny_dataset, tmp_path / "run", guidance_scale=2.0, **settings)
+    assert tiny_config(tiny_dataset, tmp_path / "run", guidance_scale=1.0, **settings).class_dropout == 0.0
+    guided = tiny_config(
+        tiny_dataset, tmp_path / "run", guidance_scale=2.0, **{**settings, "class_dropout": 0.1}
+    )
+    assert guided.guidance_scale == 2.0

@@ -266,6 +266,12 @@ def validate_config(config: TrainingConfig) -> None:
         validate_text_to_image(config)
     if config.guidance_scale < 0:
         raise TrainingConfigError(f"--guidance_scale must not be negative, got {config.guidance_scale!r}")
+    if config.class_conditional and config.class_dropout == 0 and config.guidance_scale != 1:
+        # Guidance extrapolates from the null class's prediction, which only dropped labels train.
+        raise TrainingConfigError(
+            f"--guidance_scale {config.guidance_scale!r} needs a trained null class: give --class_dropout > 0 "
+            "(0.1 is usual), or sample with --guidance_scale 1"
+        )
     if not 0.0 < config.ema_decay < 1.0:
         raise TrainingConfigError(f"--ema_decay must be between 0 and 1, got {config.ema_decay!r}")
     if not 0 <= config.seed <= MAX_SEED:
