@@ -26,6 +26,7 @@ def test_evaluator_matches_the_fid_command_and_leaves_the_model_as_it_was(
     assert pipeline.unet.training
     assert evaluator(pipeline) == result
     assert evaluator.provenance["feature_extractor"]["accuracy"] > 0.9
+    assert evaluator.provenance["generated"]["guidance_scale"] == 1.0
 
     # The same number from the command line: all 1500 training digits against the same 16 DDIM samples.
     reference = str(tmp_path / "digits.npz")

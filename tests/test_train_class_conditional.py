@@ -57,6 +57,7 @@ def test_a_class_conditional_run_trains_on_the_labels_and_leaves_a_class_conditi
     card = ModelCard.load(tmp_path / "run" / "README.md")
     assert "class-conditional-image-generation" in card.data.tags and "DDPMPipeline" not in card.text
     assert "ClassConditionalPipeline.from_pretrained" in card.text and "`class_dropout` | `0.5`" in card.text
+    assert "DDIM, 2 steps, EMA weights, every class in turn, guidance scale 2.0" in card.text
     pipeline = ClassConditionalPipeline.from_pretrained(tmp_path / "run")
     assert pipeline.num_classes == 10 and pipeline.get_label_ids("7") == [7]
     images = pipeline([3, 4], num_inference_steps=2, output_type="pt").images

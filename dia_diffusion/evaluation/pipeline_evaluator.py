@@ -222,6 +222,8 @@ class PipelineEvaluator:
                 "eta": 0.0,
                 "num_inference_steps": self.num_inference_steps,
                 "seed": self.seed,
+                # A class-conditional model: every class in turn, with this classifier-free guidance.
+                "guidance_scale": self.classes.guidance_scale,
             },
         }
 

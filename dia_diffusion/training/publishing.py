@@ -93,7 +93,12 @@ def last_metric(output_dir: Path, config: TrainingConfig) -> dict[str, Any] | No
                     "step": row["step"],
                     "feature_extractor": FEATURES[key],
                     "num_samples": config.eval_num_samples,
-                    "sampler": f"DDIM, {config.eval_inference_steps} steps, EMA weights",
+                    "sampler": f"DDIM, {config.eval_inference_steps} steps, EMA weights"
+                    + (
+                        f", every class in turn, guidance scale {config.guidance_scale}"
+                        if config.class_conditional
+                        else ""
+                    ),
                     "reference": f"the training split of `{config.dataset}`",
                 }
     return None
