@@ -7,10 +7,15 @@ import hashlib
 from pathlib import Path
 
 import pytest
+import torch
+from conftest import TINY_GREY_UNET
+from diffusers import DDIMScheduler
 from fid_cli import DIGITS_AGAINST_DIGITS, fid_json, run_cli, the_error
 
+from dia_diffusion import DIAUNet2DModel
 from dia_diffusion.commands.cli import main as cli_main
 from dia_diffusion.data.image_datasets import load_image_dataset
+from dia_diffusion.pipelines.class_conditional import ClassConditionalPipeline
 from dia_diffusion.pipelines.sampling import sample_to_folder
 
 
@@ -185,3 +190,32 @@ def test_classifier_features_without_a_labelled_dataset_are_refused(pipeline_fol
         "--cache_dir", str(tmp_path),
     )  # fmt: skip
     assert code != 0 and "--classifier_dataset" in the_error(err)
+
+
+@pytest.fixture(scope="module")
+def digit_classes_pipeline(tmp_path_factory) -> Path:
+    """A saved tiny untrained class-conditional pipeline with the ten digit classes and the null class."""
+    torch.manual_seed(0)
+    unet = DIAUNet2DModel(**TINY_GREY_UNET, num_class_embeds=11)
+    folder = tmp_path_factory.mktemp("class-conditional")
+    ClassConditionalPipeline(unet=unet, scheduler=DDIMScheduler(num_train_timesteps=20)).save_pretrained(
+        folder
+    )
+    return folder
+
+
+def test_a_class_conditional_model_reports_class_accuracy_only_in_classifier_features(
+    digit_classes_pipeline, cache_dir, tiny_dinov2, capsys
+):
+    common = ["--real", "digits", "--fake", str(digit_classes_pipeline), "--num_samples", "20"]
+    common += ["--num_inference_steps", "2", "--guidance_scale", "1.5"]
+    measured = fid_json(capsys, *common, "--feature", "classifier", "--cache_dir", str(cache_dir))
+    assert measured["fake"]["guidance_scale"] == 1.5
+    # Two samples of each of the ten classes: the mean over classes of each class's hit rate is a multiple of 1/20.
+    accuracy = measured["fake"]["class_accuracy"]
+    assert 0 <= accuracy <= 1 and round(20 * accuracy, 6) == round(20 * accuracy)
+    in_dinov2 = ["--feature", "dinov2", "--dinov2_model", str(tiny_dinov2)]
+    assert fid_json(capsys, *common, *in_dinov2)["fake"]["class_accuracy"] is None
+    code, out, err = run_cli(capsys, "fid", *common, *in_dinov2)
+    assert code == 0, err
+    assert "class accuracy (fake): not measured; it needs --feature classifier" in out

@@ -149,6 +149,8 @@ def measure(
     record = {"spec": source.spec, "kind": source.kind, "num_samples": int(features.shape[0]), **record}
     if labels is not None and isinstance(extractor, ClassifierFeatures):
         record.update(class_accuracy(extractor, features, labels[: features.shape[0]]))
+    elif labels is not None:
+        record["class_accuracy"] = None  # only a classifier of the dataset's classes can say which class it sees
     return FeatureStatistics.of(features), features, record
 
 
@@ -232,7 +234,9 @@ def describe(result: dict[str, Any]) -> str:
         lines.append(f"KID: {result['kid']:.6f} ± {result['kid_std']:.6f}")
     if "inception_score" in result:
         lines.append(f"IS (fake): {result['inception_score']:.3f} ± {result['inception_score_std']:.3f}")
-    if "class_accuracy" in result["fake"]:
+    if result["fake"].get("class_accuracy", 0) is None:
+        lines.append("class accuracy (fake): not measured; it needs --feature classifier")
+    elif "class_accuracy" in result["fake"]:
         lines.append(
             f"class accuracy (fake): {100 * result['fake']['class_accuracy']:.1f}% of the samples show the class "
             "they were asked for, by the feature classifier"
