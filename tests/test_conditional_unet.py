@@ -76,7 +76,9 @@ def test_a_lora_adapter_saved_for_the_stock_unet_loads_into_dia_and_gives_the_st
     )
     with_lora = tiny.images(pipeline)
 
-    with pytest.raises(ValueError, match="carries adapters .* apply DIA first, then load the adapters"):
+    with pytest.raises(
+        ValueError, match="carries adapters .* apply DIA first, then load the adapters onto the DIA UNet"
+    ):
         apply_dia(pipeline)
 
     fresh = apply_dia(tiny.stable_diffusion(tmp_path))
@@ -225,15 +227,39 @@ def test_a_retrofit_keeps_the_mode_of_the_stock_unet_so_dropout_acts_alike(mode)
         assert torch.equal(retrofit(sample, timestep).sample, expected)
 
 
-def test_a_retrofit_keeps_the_attention_processors_of_the_stock_unet():
+class ScaledAttnProcessor(torch.nn.Module):
+    """A processor with a weight of its own, as adapters' processors have."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.tensor(0.5))
+
+    def __call__(self, attention, hidden_states, encoder_hidden_states=None, attention_mask=None, **kwargs):
+        return self.scale * AttnProcessor()(attention, hidden_states, encoder_hidden_states, attention_mask)
+
+
+@pytest.mark.parametrize("processor", [AttnProcessor, ScaledAttnProcessor])
+def test_a_retrofit_keeps_the_attention_processors_of_the_stock_unet_as_its_own(processor):
     torch.manual_seed(0)
     stock = UNet2DConditionModel(**tiny.SD_UNET).eval()
-    stock.set_attn_processor(AttnProcessor())
+    stock.set_attn_processor(processor())
     retrofit = apply_dia(stock)
     processors = retrofit.attn_processors
     assert processors.keys() == stock.attn_processors.keys()
-    assert all(type(processor) is AttnProcessor for processor in processors.values())
+    assert all(type(copied) is processor for copied in processors.values())
     assert not set(map(id, processors.values())) & set(map(id, stock.attn_processors.values()))
+    # A processor's weights are copied, not shared: training the retrofit leaves the stock UNet as it was.
+    stock_parameters = {id(parameter) for parameter in stock.parameters()}
+    assert not any(id(parameter) in stock_parameters for parameter in retrofit.parameters())
+    with torch.no_grad():
+        assert torch.equal(retrofit(*sd_inputs()).sample, stock(*sd_inputs()).sample)
+
+
+def test_a_unet_with_an_ip_adapter_loaded_is_refused_in_one_line():
+    stock = UNet2DConditionModel(**tiny.SD_UNET)
+    stock.register_to_config(encoder_hid_dim_type="ip_image_proj")  # as diffusers' load_ip_adapter marks it
+    with pytest.raises(ValueError, match="^the UNet carries adapters .*IP-Adapter"):
+        apply_dia(stock)
 
 
 def test_blocks_not_built_from_resnet_block_2d_are_refused_by_name():
