@@ -156,6 +156,11 @@ def test_a_retrofit_refuses_a_dia_unet():
         DIAUNet2DModel.from_unet(DIAUNet2DModel(**tiny_config()))
 
 
+def test_a_retrofit_refuses_an_unknown_dia_option_by_name():
+    with pytest.raises(ValueError, match=r"^unknown DIA option\(s\) \['dia_sharring'\]; expected some of \("):
+        DIAUNet2DModel.from_unet(UNet2DModel(**tiny_config()), dia_sharring="global")
+
+
 @pytest.mark.parametrize("fault", ["extra_key", "missing_key"])
 def test_a_retrofit_whose_weights_do_not_line_up_key_for_key_is_refused(fault, monkeypatch):
     torch.manual_seed(0)
