@@ -150,7 +150,9 @@ def measure(
     if labels is not None and isinstance(extractor, ClassifierFeatures):
         record.update(class_accuracy(extractor, features, labels[: features.shape[0]]))
     elif labels is not None:
-        record["class_accuracy"] = None  # only a classifier of the dataset's classes can say which class it sees
+        record["class_accuracy"] = (
+            None  # only a classifier of the dataset's classes can say which class it sees
+        )
     return FeatureStatistics.of(features), features, record
 
 
@@ -234,12 +236,13 @@ def describe(result: dict[str, Any]) -> str:
         lines.append(f"KID: {result['kid']:.6f} ± {result['kid_std']:.6f}")
     if "inception_score" in result:
         lines.append(f"IS (fake): {result['inception_score']:.3f} ± {result['inception_score_std']:.3f}")
-    if result["fake"].get("class_accuracy", 0) is None:
-        lines.append("class accuracy (fake): not measured; it needs --feature classifier")
-    elif "class_accuracy" in result["fake"]:
+    if "class_accuracy" in result["fake"]:
+        accuracy = result["fake"]["class_accuracy"]
         lines.append(
-            f"class accuracy (fake): {100 * result['fake']['class_accuracy']:.1f}% of the samples show the class "
-            "they were asked for, by the feature classifier"
+            "class accuracy (fake): not measured; it needs --feature classifier"
+            if accuracy is None
+            else f"class accuracy (fake): {100 * accuracy:.1f}% of the samples show the class they were asked for, "
+            "by the feature classifier"
         )
     lines.append(describe_extractor(result["feature_extractor"]))
     for side in ("real", "fake"):

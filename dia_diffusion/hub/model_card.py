@@ -116,14 +116,21 @@ class ModelFacts:
     sample_grid: str | None = None
     license: str = LICENSE
 
+    @property
+    def with_dia(self) -> bool:
+        """A stock UNet (the baseline a DIA run is compared with) has no DIA options; its card must not claim DIA."""
+        return bool(self.dia_options)
+
 
 def build_model_card(facts: ModelFacts) -> ModelCard:
-    # A stock UNet (the baseline a DIA run is compared with) has no DIA options; its card must not claim DIA.
-    with_dia = bool(facts.dia_options)
     data = ModelCardData(
         library_name="diffusers",
         license=facts.license,
-        tags=["diffusers", *([DIA_TAG] if with_dia else []), *([facts.task.tag] if facts.task.tag else [])],
+        tags=[
+            "diffusers",
+            *([DIA_TAG] if facts.with_dia else []),
+            *([facts.task.tag] if facts.task.tag else []),
+        ],
         pipeline_tag=facts.task.tag,
         # The hub accepts only repository ids here; a local starting point is named in the text.
         base_model=facts.base_model if is_hub_name(facts.base_model) else None,
@@ -132,11 +139,11 @@ def build_model_card(facts: ModelFacts) -> ModelCard:
     what = f"{facts.task.what[0].upper()}{facts.task.what[1:]}"
     sections = [
         f"# {what} with Dense-and-Implicit Attention"
-        if with_dia
+        if facts.with_dia
         else f"# {what}: the stock UNet, without DIA",
         description(facts),
-        "## DIA options and what they cost" if with_dia else "## Parameters",
-        dia_table(facts) if with_dia else f"| parameters |\n| ---: |\n| {facts.parameters:,} |",
+        "## DIA options and what they cost" if facts.with_dia else "## Parameters",
+        dia_table(facts) if facts.with_dia else f"| parameters |\n| ---: |\n| {facts.parameters:,} |",
     ]
     if facts.training:
         sections += ["## Training", settings_table(facts.training)]
@@ -157,13 +164,13 @@ def description(facts: ModelFacts) -> str:
     text = (
         f"A diffusers `{facts.class_name}` whose resnets share one Dense-and-Implicit Attention (DIA) module "
         f"([paper]({DIA_PAPER})), saved by `dia_diffusion`."
-        if facts.dia_options
+        if facts.with_dia
         else f"A stock diffusers `{facts.class_name}`, without Dense-and-Implicit Attention (DIA), trained by "
         "`dia_diffusion` as the baseline that DIA is compared with."
     )
     if facts.base_model is not None:
         text += f" It starts from the weights of `{facts.base_model}`" + (
-            ", retrofitted with DIA." if facts.dia_options else "."
+            ", retrofitted with DIA." if facts.with_dia else "."
         )
     if facts.dataset_description is not None:
         text += f" Trained on {facts.dataset_description}."
