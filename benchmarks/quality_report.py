@@ -106,30 +106,49 @@ def draw_fd_vs_step(results: list[dict], variants: list[str], path: Path) -> Non
     plt.close(figure)
 
 
+def last_sample_grid(out: Path, variant: str, seed: int) -> Path | None:
+    """The last grid a run wrote, if its model folder (not committed) is still there."""
+    samples = sorted((out / variant / f"seed-{seed}" / "model" / "samples").glob("*.png"))
+    return samples[-1] if samples else None
+
+
+def sample_grid_seeds(results: list[dict], variants: list[str], out: Path) -> dict[str, int]:
+    """The seed whose grid each variant shows: the lowest seed every variant still has a grid for.
+
+    A comparison finished over several sittings may keep its model folders at different seeds per variant; then
+    each variant shows its own lowest seed (the figure's titles name them).
+    """
+    seeds = {
+        variant: sorted(
+            r["seed"]
+            for r in results
+            if r["variant"] == variant and last_sample_grid(out, variant, r["seed"])
+        )
+        for variant in variants
+    }
+    seeds = {variant: found for variant, found in seeds.items() if found}
+    shared = set.intersection(*map(set, seeds.values())) if seeds else set()
+    return {variant: min(shared) if shared else found[0] for variant, found in seeds.items()}
+
+
 def draw_sample_grids(results: list[dict], variants: list[str], out: Path, path: Path) -> None:
-    """The final sample grid of each variant's first seed, side by side."""
+    """The final sample grid of each variant side by side, each titled with the seed it shows."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.image
     import matplotlib.pyplot as plt
 
-    grids = []
-    for variant in variants:
-        runs = sorted((r for r in results if r["variant"] == variant), key=lambda r: r["seed"])
-        samples = (
-            sorted((out / variant / f"seed-{runs[0]['seed']}" / "model" / "samples").glob("*.png"))
-            if runs
-            else []
-        )
-        if samples:
-            grids.append((variant, matplotlib.image.imread(samples[-1])))
+    grids = [
+        (f"{variant} (seed {seed})", matplotlib.image.imread(last_sample_grid(out, variant, seed)))
+        for variant, seed in sample_grid_seeds(results, variants, out).items()
+    ]
     if not grids:
         return
     figure, axes = plt.subplots(1, len(grids), figsize=(2.6 * len(grids), 2.9), squeeze=False)
-    for axis, (variant, grid) in zip(axes[0], grids):
+    for axis, (title, grid) in zip(axes[0], grids):
         axis.imshow(grid, cmap="gray")
-        axis.set_title(variant, fontsize=9)
+        axis.set_title(title, fontsize=9)
         axis.axis("off")
     figure.tight_layout()
     figure.savefig(path, dpi=150)

@@ -196,6 +196,31 @@ def test_a_table_of_unequal_seed_sets_names_each_rows_seeds(quality):
     assert "2 seeds (0, 1)" in table and "| stock | 1 |" in table
 
 
+def test_the_sample_figure_shows_one_seed_every_variant_kept_else_names_each(benchmarks_on_path, tmp_path):
+    quality_report = importlib.import_module("quality_report")
+
+    def keep_grids(variant, seed, *steps):
+        folder = tmp_path / variant / f"seed-{seed}" / "model" / "samples"
+        folder.mkdir(parents=True)
+        for step in steps:
+            (folder / f"step-{step:07d}.png").write_bytes(b"")
+
+    runs = [fake_run(variant, seed, 1.0) for variant in ("stock", "dia-global") for seed in (0, 1, 2, 3)]
+    for seed in (0, 1, 2):
+        keep_grids("stock", seed, 500, 1000)
+    for seed in (1, 2, 3):
+        keep_grids("dia-global", seed, 500)
+    seeds = quality_report.sample_grid_seeds(runs, ["stock", "dia-global"], tmp_path)
+    assert seeds == {"stock": 1, "dia-global": 1}
+    assert quality_report.last_sample_grid(tmp_path, "stock", 1).name == "step-0001000.png"
+    # No seed kept by both: each shows its lowest; a variant with no grid left is left out.
+    for seed in (1, 2):
+        for grid in (tmp_path / "stock" / f"seed-{seed}" / "model" / "samples").iterdir():
+            grid.unlink()
+    seeds = quality_report.sample_grid_seeds(runs, ["stock", "dia-global", "dia-timestep"], tmp_path)
+    assert seeds == {"stock": 0, "dia-global": 1}
+
+
 def test_a_variant_is_tabulated_only_beside_stock_at_the_same_seed(quality, tmp_path):
     runs = [fake_run("stock", 0, 2.0), fake_run("dia-global", 0, 1.0), fake_run("dia-global", 1, 9.0)]
     dia = quality.summarise(runs)[1]
