@@ -13,7 +13,8 @@ MUTATION_TARGETS := "dia_diffusion.models.dia_cell.*" "dia_diffusion.models.chan
 	"dia_diffusion.training.text_to_image_task.xǁTextToImageTaskǁclean_samples*" \
 	"dia_diffusion.training.text_to_image_task.xǁTextToImageTaskǁunet_inputs*" \
 	"dia_diffusion.training.text_to_image_task.xǁTextToImageTaskǁencoded*" \
-	"dia_diffusion.training.initial_weights.x_saved_dia_settings*" "dia_diffusion.training.initial_weights.x_settled*"
+	"dia_diffusion.training.initial_weights.x_saved_dia_settings*" "dia_diffusion.training.initial_weights.x_settled*" \
+	"dia_diffusion.pipelines.class_conditional.xǁClassSamplingǁ*"
 
 .PHONY: install test demo lint format mutation
 

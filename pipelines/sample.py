@@ -5,7 +5,8 @@
 
 writes samples/demo/000000.png … 000999.png, grid.png (the first 64) and samples.json (how they were made). A
 class-conditional model (train_ddpm.py --class_conditional) takes --class_labels 3 (or 3 5 7: image i shows the
-(i mod 3)-th of them; default every class in turn) and --guidance_scale 2.0 (classifier-free guidance).
+(i mod 3)-th of them; default every class in turn), or class names (--class_labels Trouser "Ankle boot") from its
+id2label, and --guidance_scale 2.0 (classifier-free guidance).
 They are written aside and replace a previous samples folder only when complete: a failure or Ctrl-C leaves it as
 it was. Image i is seeded seed + i, so it is the same whatever --batch_size or the number of processes;
 `accelerate launch pipelines/sample.py ...` splits the images across processes.
@@ -42,9 +43,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--half", action="store_true", help="float16 weights and sampling (CUDA only)")
     parser.add_argument(
         "--class_labels",
-        type=int,
+        type=class_label,
         nargs="+",
-        help="class-conditional models: image i shows class_labels[i mod their count] (default: every class in turn)",
+        help="class-conditional models: class ids or names (the model's id2label; a whole number is an id); image i "
+        "shows class_labels[i mod their count] (default: every class in turn)",
     )
     parser.add_argument(
         "--guidance_scale",
@@ -53,6 +55,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="class-conditional models: classifier-free guidance scale (default 1, no guidance)",
     )
     return parser.parse_args(argv)
+
+
+def class_label(text: str) -> int | str:
+    """A whole number is a class id; anything else a class name, which the model's id2label turns into one."""
+    try:
+        return int(text)
+    except ValueError:
+        return text
 
 
 def sample(args: argparse.Namespace) -> None:

@@ -2,7 +2,9 @@
 out by hand; the labels class-conditional training reads from a dataset; the classes a samples folder records; and
 class accuracy, the fraction of the samples of each class that the feature classifier calls that class."""
 
+import importlib.util
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,6 +21,7 @@ from dia_diffusion.pipelines.class_conditional import ClassConditionalPipeline, 
 from dia_diffusion.pipelines.sampling import sample_to_folder
 
 NUM_CLASSES = 3
+REPOSITORY = Path(__file__).resolve().parents[1]
 
 
 def unet(num_class_embeds: int | None = NUM_CLASSES + 1) -> DIAUNet2DModel:
@@ -139,9 +142,51 @@ def test_a_samples_folder_of_a_class_conditional_model_records_each_image_s_clas
         sample_to_folder(tmp_path / "model", tmp_path / "bad", num_images=1, classes=ClassSampling((5,)))
 
 
+def test_sample_py_takes_class_names_from_the_model_s_id2label(tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("sample_script", REPOSITORY / "pipelines" / "sample.py")
+    sample_script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sample_script)
+    named = pipeline(DDPMScheduler(num_train_timesteps=20), id2label={0: "Trouser", 1: "Ankle boot", 2: "2"})
+    named.save_pretrained(tmp_path / "model")
+    argv = ["--model", str(tmp_path / "model"), "--num_inference_steps", "2", "--num_images", "4"]
+    # A whole number is an id (class 1 here, although class 2 is named "2"); anything else is a name.
+    assert (
+        sample_script.main(
+            [*argv, "--class_labels", "Ankle boot", "Trouser", "1", "--output", str(tmp_path / "a")]
+        )
+        == 0
+    )
+    record = json.loads((tmp_path / "a" / "samples.json").read_text())
+    assert record["class_labels"] == [1, 0, 1, 1]
+    assert sample_script.main([*argv, "--class_labels", "Boot", "--output", str(tmp_path / "b")]) == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert (
+        error
+        == "sample.py: error: unknown class name(s) ['Boot']; the pipeline knows ['2', 'Ankle boot', 'Trouser']"
+    )
+    assert not (tmp_path / "b").exists()
+
+
 def test_class_labels_are_refused_for_an_unconditional_model(tmp_path):
     torch.manual_seed(0)
     unconditional = DDPMPipeline(unet=unet(None), scheduler=DDPMScheduler(num_train_timesteps=20))
     unconditional.save_pretrained(tmp_path / "model")
-    with pytest.raises(ValueError, match="need a class-conditional model"):
+    with pytest.raises(
+        ValueError,
+        match="^--class_labels and --guidance_scale need a class-conditional model; this one has none$",
+    ):
         sample_to_folder(tmp_path / "model", tmp_path / "out", num_images=1, classes=ClassSampling((1,)))
+
+
+def test_labels_and_guidance_are_checked_against_the_pipeline():
+    unconditional = DDPMPipeline(unet=unet(None), scheduler=DDPMScheduler(num_train_timesteps=20))
+    assert ClassSampling().for_pipeline(unconditional) == ClassSampling()
+    with pytest.raises(ValueError, match="need a class-conditional model"):
+        ClassSampling(guidance_scale=2.0).for_pipeline(unconditional)
+    conditional = pipeline()
+    for scale in (0.0, 0.5, 4.0):
+        assert ClassSampling((0, 2), scale).for_pipeline(conditional) == ClassSampling((0, 2), scale)
+    with pytest.raises(ValueError, match=r"^--guidance_scale must not be negative, got -0\.5$"):
+        ClassSampling(guidance_scale=-0.5).for_pipeline(conditional)
+    with pytest.raises(ValueError, match=r"^--class_labels must lie in \[0, 3\), got \[3, -1\]$"):
+        ClassSampling((2, 3, -1)).for_pipeline(conditional)

@@ -8,7 +8,7 @@ and guidance extrapolates from the null-class prediction towards the labelled on
 """
 
 import inspect
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from diffusers import DiffusionPipeline, ImagePipelineOutput
@@ -128,10 +128,11 @@ class ClassSampling:
     """Which class each image of a class-conditional sampling run shows, and the guidance it is sampled with.
 
     Image i shows `class_labels[i % len(class_labels)]`, or with no labels given class i mod K: every class in turn,
-    as many images of each (a class-balanced set for evaluation) when the count is a multiple of K.
+    as many images of each (a class-balanced set for evaluation) when the count is a multiple of K. A label is a
+    class id or, as a string, a class name of the pipeline's `id2label`; `for_pipeline` turns names into ids.
     """
 
-    class_labels: tuple[int, ...] | None = None
+    class_labels: tuple[int | str, ...] | None = None
     guidance_scale: float = 1.0
 
     def labels(self, indices: list[int], num_classes: int) -> list[int]:
@@ -139,19 +140,27 @@ class ClassSampling:
             return [index % num_classes for index in indices]
         return [self.class_labels[index % len(self.class_labels)] for index in indices]
 
-    def check(self, pipeline: DiffusionPipeline) -> None:
-        """Labels and guidance are for a class-conditional pipeline, and its labels are its classes."""
+    def for_pipeline(self, pipeline: DiffusionPipeline) -> "ClassSampling":
+        """This sampling with every class name replaced by its id in `pipeline`, once its labels and guidance are
+        checked to be for a class-conditional pipeline and its labels to be that pipeline's classes."""
         if not isinstance(pipeline, ClassConditionalPipeline):
             if self.class_labels or self.guidance_scale != 1.0:
                 raise ValueError(
                     "--class_labels and --guidance_scale need a class-conditional model; this one has none"
                 )
-            return
-        bad = [label for label in self.class_labels or () if not 0 <= label < pipeline.num_classes]
-        if bad:
-            raise ValueError(f"--class_labels must lie in [0, {pipeline.num_classes}), got {bad}")
+            return self
         if self.guidance_scale < 0:
             raise ValueError(f"--guidance_scale must not be negative, got {self.guidance_scale}")
+        if not self.class_labels:
+            return self
+        ids = tuple(
+            label if isinstance(label, int) else pipeline.get_label_ids(label)[0]
+            for label in self.class_labels
+        )
+        bad = [label for label in ids if not 0 <= label < pipeline.num_classes]
+        if bad:
+            raise ValueError(f"--class_labels must lie in [0, {pipeline.num_classes}), got {bad}")
+        return replace(self, class_labels=ids)
 
 
 # Every class in turn, without guidance: what evaluation samples unless told otherwise.

@@ -103,15 +103,17 @@ def staged_output(output: Path, state: Any) -> Iterator[Path]:
             shutil.rmtree(staging, ignore_errors=True)
 
 
-def stock_pipeline(unet: UNet2DModel, scheduler_config: dict[str, Any], scheduler: str) -> DiffusionPipeline:
-    """The stock diffusers pipeline for `scheduler` (a `ClassConditionalPipeline` for a UNet with class embeddings),
-    its scheduler built from the trained noise schedule."""
+def stock_pipeline(
+    unet: UNet2DModel, scheduler_config: dict[str, Any], scheduler: str, id2label: dict | None = None
+) -> DiffusionPipeline:
+    """The stock diffusers pipeline for `scheduler` (a `ClassConditionalPipeline`, knowing the class names
+    `id2label`, for a UNet with class embeddings), its scheduler built from the trained noise schedule."""
     if scheduler not in SCHEDULERS:
         raise SamplingError(f"--scheduler must be one of {SCHEDULERS}, got {scheduler!r}")
     scheduler_class = DDPMScheduler if scheduler == "ddpm" else DDIMScheduler
     noise_schedule = scheduler_class.from_config(scheduler_config)
     if unet.config.get("num_class_embeds"):
-        pipeline = ClassConditionalPipeline(unet=unet, scheduler=noise_schedule)
+        pipeline = ClassConditionalPipeline(unet=unet, scheduler=noise_schedule, id2label=id2label)
     elif scheduler == "ddpm":
         pipeline = DDPMPipeline(unet=unet, scheduler=noise_schedule)
     else:
@@ -146,7 +148,7 @@ def load_pipeline(
         raise SamplingError(
             f"--model {str(model)!r} holds a {type(saved).__name__}, not an unconditional UNet pipeline"
         )
-    return stock_pipeline(saved.unet, saved.scheduler.config, scheduler)
+    return stock_pipeline(saved.unet, saved.scheduler.config, scheduler, saved.config.get("id2label"))
 
 
 def check_sampling_options(
@@ -187,7 +189,7 @@ def generate(
 ) -> Iterator[tuple[list[int], torch.Tensor]]:
     """Yields (indices, uint8 images [B, C, H, W] on the CPU) batch by batch; image i is seeded `seed + i` (and, for a
     class-conditional pipeline, shows the class `classes` gives it)."""
-    classes.check(pipeline)
+    classes = classes.for_pipeline(pipeline)
     is_ddim = isinstance(pipeline.scheduler, DDIMScheduler)
     check_sampling_options("ddim" if is_ddim else "ddpm", num_inference_steps, eta, batch_size)
     options: dict[str, Any] = {"eta": pipeline_eta(pipeline, eta)} if is_ddim else {}
@@ -300,6 +302,8 @@ def write_samples(
 ) -> None:
     """`sample_to_folder`'s work, once the checks have passed and the folder is locked."""
     pipeline = load_pipeline(model, scheduler, dtype).to(state.device)
+    # Names become ids, and a bad label fails here, before any image is sampled.
+    classes = classes.for_pipeline(pipeline)
     with staged_output(output, state) as staging:
         with (
             state.split_between_processes(list(range(num_images))) as indices,
