@@ -92,8 +92,11 @@ def test_sample_script_writes_numbered_pngs_grid_and_record(pipeline_folder, tmp
     for index in range(5):
         written = np.asarray(PIL.Image.open(output / f"{index:06d}.png"))
         assert np.array_equal(written, expected[index][0].numpy())
-    grid = PIL.Image.open(output / "grid.png")
-    assert grid.size == (3 * (8 + 2) + 2, 2 * (8 + 2) + 2)  # 5 images, 3 per row, 2-pixel padding
+    # 5 images, 3 per row, each 8x8 image enlarged 8 times (nearest) to 64x64, with 2-pixel padding.
+    grid = np.asarray(PIL.Image.open(output / "grid.png"))
+    assert grid.shape[:2] == (2 * (64 + 2) + 2, 3 * (64 + 2) + 2)
+    fifth = grid[2 + 66 : 2 + 66 + 64, 2 + 66 : 2 + 66 + 64, 0]
+    assert np.array_equal(fifth, expected[4][0].numpy().repeat(8, axis=0).repeat(8, axis=1))
     record = json.loads((output / "samples.json").read_text())
     assert record["scheduler"] == "ddim" and record["num_inference_steps"] == 2 and record["eta"] == 0.0
     assert record["seed"] == 7 and record["num_images"] == 5 and record["resolution"] == 8

@@ -41,6 +41,8 @@ SCHEDULERS = ("ddpm", "ddim")
 SAMPLES_RECORD = "samples.json"
 GRID_FILE = "grid.png"
 GRID_MAX_IMAGES = 64
+# Grids of small images are upscaled (nearest) so that every image is at least this many pixels wide.
+GRID_MIN_CELL_PIXELS = 64
 _SAMPLE_FILE_PATTERN = re.compile(r"\d{6,}\.png")
 
 
@@ -223,14 +225,23 @@ def to_pil(image: torch.Tensor) -> PIL.Image.Image:
     return PIL.Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array)
 
 
+def enlarged_to_be_seen(images: torch.Tensor) -> torch.Tensor:
+    """[N, C, H, W] images enlarged by a whole factor (nearest, so no pixel is blurred) to be at least
+    `GRID_MIN_CELL_PIXELS` wide: a grid of 8×8 or 16×16 samples is otherwise a thumbnail."""
+    scale = math.ceil(GRID_MIN_CELL_PIXELS / images.shape[-1])
+    return (
+        torch.nn.functional.interpolate(images, scale_factor=scale, mode="nearest") if scale > 1 else images
+    )
+
+
 def save_grid(folder: Path, num_images: int) -> Path:
-    """grid.png of the first (up to 64) numbered images in `folder`, in a square-ish layout."""
+    """grid.png of the first (up to 64) numbered images in `folder`, in a square-ish layout, enlarged to be seen."""
     from torchvision.transforms.functional import pil_to_tensor
     from torchvision.utils import make_grid
 
     count = min(num_images, GRID_MAX_IMAGES)
     images = [pil_to_tensor(PIL.Image.open(folder / sample_file_name(index))) for index in range(count)]
-    grid = make_grid(torch.stack(images), nrow=math.ceil(math.sqrt(count)), padding=2)
+    grid = make_grid(enlarged_to_be_seen(torch.stack(images)), nrow=math.ceil(math.sqrt(count)), padding=2)
     path = folder / GRID_FILE
     to_pil(grid).save(path)
     return path
