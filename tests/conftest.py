@@ -1,11 +1,24 @@
 """Fixtures shared by several test files."""
 
+import importlib.util
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 import torch
 from accelerate.state import AcceleratorState, GradientState
+
+REPOSITORY = Path(__file__).resolve().parents[1]
+
+
+def load_script(relative_path: str):
+    """A command-line script of the repository (`train/…`, `pipelines/…`) as a fresh module, so that a test calls its
+    `main(argv)` in process."""
+    spec = importlib.util.spec_from_file_location(Path(relative_path).stem, REPOSITORY / relative_path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
 
 # An 8x8 grey UNet small enough for sampling and metric tests to run in well under a second.
 TINY_GREY_UNET = dict(

@@ -2,14 +2,12 @@
 out by hand; the labels class-conditional training reads from a dataset; the classes a samples folder records; and
 class accuracy, the fraction of the samples of each class that the feature classifier calls that class."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_GREY_UNET
+from conftest import TINY_GREY_UNET, load_script
 from diffusers import DDIMScheduler, DDPMPipeline, DDPMScheduler
 
 from dia_diffusion import DIAUNet2DModel
@@ -21,7 +19,6 @@ from dia_diffusion.pipelines.class_conditional import ClassConditionalPipeline, 
 from dia_diffusion.pipelines.sampling import sample_to_folder
 
 NUM_CLASSES = 3
-REPOSITORY = Path(__file__).resolve().parents[1]
 
 
 def unet(num_class_embeds: int | None = NUM_CLASSES + 1) -> DIAUNet2DModel:
@@ -143,9 +140,7 @@ def test_a_samples_folder_of_a_class_conditional_model_records_each_image_s_clas
 
 
 def test_sample_py_takes_class_names_from_the_model_s_id2label(tmp_path, capsys):
-    spec = importlib.util.spec_from_file_location("sample_script", REPOSITORY / "pipelines" / "sample.py")
-    sample_script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(sample_script)
+    sample_script = load_script("pipelines/sample.py")
     named = pipeline(DDPMScheduler(num_train_timesteps=20), id2label={0: "Trouser", 1: "Ankle boot", 2: "2"})
     named.save_pretrained(tmp_path / "model")
     argv = ["--model", str(tmp_path / "model"), "--num_inference_steps", "2", "--num_images", "4"]

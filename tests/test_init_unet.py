@@ -1,7 +1,6 @@
 """`--init_unet`: a run that starts from a saved UNet — retrofit parity at step 0, the layout taken from the checkpoint,
 refusals in one line, the run record, hub names, and bitwise-exact resume."""
 
-import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -9,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from accelerate.state import AcceleratorState, GradientState
-from conftest import TINY_GREY_UNET
+from conftest import TINY_GREY_UNET, load_script
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 
 from dia_diffusion import DIAUNet2DModel
@@ -22,8 +21,6 @@ from dia_diffusion.training.checkpointing import RunIdentityError
 from dia_diffusion.training.config import resolve_config
 from dia_diffusion.training.initial_weights import InitialUNetError, load_initial_unet
 from dia_diffusion.training.loop import train
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
 
 pytestmark = pytest.mark.usefixtures("isolated_run")
 
@@ -203,17 +200,12 @@ def test_a_hub_name_is_downloaded_or_refused_in_one_line(stock_pipeline, tmp_pat
     assert requested[-1][-1] == "unet/*.safetensors" and not any("*.bin" in p for p in requested[-1])
 
 
-def load_script():
-    spec = importlib.util.spec_from_file_location("train_ddpm", REPO_ROOT / "train" / "train_ddpm.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_the_script_refuses_a_dia_checkpoint_for_a_stock_run_in_one_line(tmp_path, capsys):
     dia = save_pipeline(DIAUNet2DModel(**TINY_GREY_UNET), tmp_path / "dia")
     output_dir = tmp_path / "run"
-    code = load_script().main(["--output_dir", str(output_dir), "--init_unet", str(dia), "--unet", "stock"])
+    code = load_script("train/train_ddpm.py").main(
+        ["--output_dir", str(output_dir), "--init_unet", str(dia), "--unet", "stock"]
+    )
     stderr = capsys.readouterr().err
     assert code == 2 and stderr.count("\n") == 1 and "--unet stock cannot start from" in stderr
     assert not output_dir.exists()

@@ -2,7 +2,6 @@
 a run's pipeline folder to the Hugging Face Hub (tested up to the network call; no network here)."""
 
 import dataclasses
-import importlib.util
 import re
 from pathlib import Path
 
@@ -10,7 +9,7 @@ import huggingface_hub
 import huggingface_hub.constants
 import pytest
 import torch
-from conftest import TINY_GREY_UNET
+from conftest import TINY_GREY_UNET, load_script
 from diffusers import DDPMPipeline, UNet2DModel
 from huggingface_hub import ModelCard
 from huggingface_hub.utils import filter_repo_objects
@@ -21,8 +20,6 @@ from dia_diffusion.models.model_facts import count_parameters
 from dia_diffusion.training import loop
 from dia_diffusion.training.loop import train
 from dia_diffusion.training.publishing import run_card
-
-TRAIN_SCRIPT = Path(__file__).resolve().parents[1] / "train" / "train_ddpm.py"
 
 
 def fake_metric(config, accelerator):
@@ -108,10 +105,7 @@ def test_a_retrofit_saved_through_the_api_has_a_card_naming_its_base_model(tmp_p
 
 
 def train_script():
-    spec = importlib.util.spec_from_file_location("train_script", TRAIN_SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("train/train_ddpm.py")
 
 
 def cli_arguments(dataset: str, output_dir: Path) -> list[str]:

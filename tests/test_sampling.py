@@ -1,7 +1,6 @@
 """Sampling through the stock diffusers pipelines: per-sample seeds, the files sample.py writes, its errors."""
 
 import errno
-import importlib.util
 import json
 from pathlib import Path
 
@@ -9,7 +8,7 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-from conftest import save_tiny_pipeline
+from conftest import load_script, save_tiny_pipeline
 from diffusers import DDIMPipeline, DDPMPipeline
 
 from dia_diffusion import DIAUNet2DModel
@@ -23,14 +22,9 @@ from dia_diffusion.pipelines.sampling import (
     to_uint8,
 )
 
-SAMPLE_SCRIPT = Path(__file__).resolve().parents[1] / "pipelines" / "sample.py"
-
 
 def sample_script():
-    spec = importlib.util.spec_from_file_location("sample_script", SAMPLE_SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("pipelines/sample.py")
 
 
 def images_by_index(pipeline, indices, batch_size, eta=None) -> dict[int, torch.Tensor]:

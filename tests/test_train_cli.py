@@ -3,7 +3,6 @@
 training at a time per folder; and the script, run as a user runs it, leaves a pipeline that a fresh process loads
 after `import dia_diffusion`."""
 
-import importlib.util
 import json
 import os
 import signal
@@ -17,6 +16,7 @@ import numpy as np
 import PIL.Image
 import pytest
 from accelerate import Accelerator
+from conftest import load_script
 
 from dia_diffusion.runtime.folder_lock import lock_folder
 from dia_diffusion.training import step as training_steps
@@ -37,16 +37,9 @@ ACCELERATE_LAUNCH = [sys.executable, "-m", "accelerate.commands.launch", "--quie
 pytestmark = pytest.mark.usefixtures("isolated_run")
 
 
-def load_script():
-    spec = importlib.util.spec_from_file_location("train_ddpm", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def script():
-    return load_script()
+    return load_script("train/train_ddpm.py")
 
 
 def write_png(path: Path, value: int) -> None:

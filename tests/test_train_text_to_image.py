@@ -3,7 +3,6 @@ writes, through the one training loop. The retrofit starts from what the stock m
 bitwise (also after SIGTERM), cached latents train as the images do, the saved pipeline loads in a fresh process and
 samples, and bad input is one line before anything is written. The items themselves: test_captioned_images.py."""
 
-import importlib.util
 import json
 import signal
 import subprocess
@@ -16,6 +15,7 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
+from conftest import load_script
 from huggingface_hub import ModelCard
 from tiny_stable_diffusion import stable_diffusion, stable_diffusion_xl
 from tiny_training import assert_same_weights, read_metrics, reset_accelerate_state
@@ -29,8 +29,6 @@ from dia_diffusion.training.loop import train
 from dia_diffusion.training.pretrained_pipeline import PretrainedPipelineError, load_pretrained_pipeline
 from dia_diffusion.training.text_to_image_task import TextToImageTask
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = REPO_ROOT / "train" / "train_text_to_image.py"
 CAPTIONS = ["lower newer", "wider lowest", "lowest", "newer"]
 
 pytestmark = pytest.mark.usefixtures("isolated_run", "private_datasets_cache")
@@ -153,13 +151,6 @@ def test_a_fine_tune_with_random_crops_flips_and_dropped_captions_resumes_bitwis
     assert_same_weights(whole, resumed)
 
 
-def load_script():
-    spec = importlib.util.spec_from_file_location("train_text_to_image", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def script_flags(sd_folder: Path, dataset: Path, output_dir: Path, *flags: str) -> list[str]:
     return ["--pretrained_model", str(sd_folder), "--dataset", str(dataset), "--output_dir", str(output_dir),
             "--resolution", "32", "--train_batch_size", "2", "--gradient_accumulation_steps", "1", "--learning_rate", "1e-3",
@@ -170,7 +161,7 @@ def script_flags(sd_folder: Path, dataset: Path, output_dir: Path, *flags: str) 
 def test_sigterm_keeps_the_last_checkpoint_and_the_run_resumes_to_the_uninterrupted_weights(
     sd_folder, captioned_folder, tmp_path, capsys, monkeypatch
 ):
-    script = load_script()
+    script = load_script("train/train_text_to_image.py")
     whole = train(fine_tune_config(sd_folder, captioned_folder, tmp_path / "whole", caption_dropout=0.5))
     reset_accelerate_state()
     real_loss = training_steps.diffusion_loss
@@ -250,7 +241,7 @@ def test_bad_input_is_one_line_and_exit_2_before_anything_is_written(
     case, sd_folder, captioned_folder, tmp_path, capsys, monkeypatch
 ):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    script = load_script()
+    script = load_script("train/train_text_to_image.py")
     run = tmp_path / "run"
     flags = script_flags(sd_folder, captioned_folder, run)
     expected = {
