@@ -150,9 +150,8 @@ def measure(
     if labels is not None and isinstance(extractor, ClassifierFeatures):
         record.update(class_accuracy(extractor, features, labels[: features.shape[0]]))
     elif labels is not None:
-        record["class_accuracy"] = (
-            None  # only a classifier of the dataset's classes can say which class it sees
-        )
+        # Only a classifier of the dataset's classes can say which class it sees.
+        record["class_accuracy"] = None
     return FeatureStatistics.of(features), features, record
 
 
