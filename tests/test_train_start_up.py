@@ -5,7 +5,8 @@ import errno
 import pathlib
 
 import pytest
-from test_train_cli import load_script, run_script, tiny_run_flags
+from conftest import load_script
+from test_train_cli import run_script, tiny_run_flags
 
 pytestmark = pytest.mark.usefixtures("isolated_run")
 
@@ -13,7 +14,7 @@ pytestmark = pytest.mark.usefixtures("isolated_run")
 def test_a_full_disk_at_start_up_names_the_file_and_the_same_command_runs_after(
     capsys, tiny_dataset, tmp_path, monkeypatch
 ):
-    script = load_script()
+    script = load_script("train/train_ddpm.py")
     run_dir = tmp_path / "run"
     real_write_text = pathlib.Path.write_text
 
